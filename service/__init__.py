@@ -1,0 +1,3 @@
+"""Gatekeeper: a local gatekeeper for AI agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The HTTP face of the service: thin routes over the pipeline."""

@@ -1,0 +1,265 @@
+"""llama.cpp through llama-cpp-python: any GGUF that llama.cpp supports.
+
+The prompt is rendered with the model's own chat template (from the GGUF) and tokenised so that
+message content can never become control tokens: the template's own text is tokenised with
+special-token parsing on, the content with it off. A model without a template gets raw
+completion, never a silently guessed template."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import re
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from service.backends.base import (
+    Finish,
+    Generation,
+    GenerationRequest,
+    Prompt,
+    TokenHook,
+)
+from service.errors import BackendError, BackendUnavailableError
+
+try:  # an import guard: a missing engine must not break the other backends
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama, LogitsProcessorList, StoppingCriteriaList
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    _ENGINE_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only where llama-cpp-python is absent
+    _ENGINE_ERROR = str(exc)
+
+logger = logging.getLogger(__name__)
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+@lru_cache(maxsize=64)
+def _compile_grammar(gbnf: str) -> Any:
+    return LlamaGrammar.from_string(gbnf, verbose=False)
+
+
+class LlamaCppBackend:
+    engine = "llama_cpp"
+
+    def __init__(
+        self,
+        model: str,
+        path: Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        chat_template: str = "auto",
+    ) -> None:
+        if _ENGINE_ERROR is not None:
+            raise BackendUnavailableError(f"llama-cpp-python is not installed: {_ENGINE_ERROR}")
+        self.model = model
+        self._path = path
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads
+        self._n_batch = n_batch
+        self._use_template = chat_template == "auto"
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._bos: list[int] = []
+        self._choice_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
+
+    @property
+    def context_size(self) -> int:
+        return self._n_ctx
+
+    def load(self) -> None:
+        try:
+            self._llm = Llama(
+                model_path=str(self._path),
+                n_ctx=self._n_ctx,
+                n_threads=self._n_threads,
+                n_batch=self._n_batch,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(f"cannot load {self._path}: {exc}") from exc
+        llm = self._llm
+        template = llm.metadata.get("tokenizer.chat_template") if self._use_template else None
+        if template:
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._piece(llm.token_eos()),
+                bos_token=self._piece(llm.token_bos()),
+                add_generation_prompt=True,
+            )
+        self._bos = llm.tokenize(b"", add_bos=True, special=True)
+        logger.info("loaded %s from %s (chat template: %s)", self.model, self._path, bool(template))
+
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", "replace")
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise BackendUnavailableError(f"model {self.model} is not loaded")
+        return self._llm
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        """Tokens of the rendered prompt, with content tokenised as plain text."""
+        llm = self._require()
+        contents = [m.content.strip() for m in prompt.messages]
+        if self._formatter is not None:
+            messages = [
+                {"role": m.role, "content": f"\ue000{i}\ue001"}
+                for i, m in enumerate(prompt.messages)
+            ]
+            rendered: str = self._formatter(messages=messages).prompt
+            bos_text = self._piece(llm.token_bos())
+            if self._bos and bos_text and rendered.startswith(bos_text):
+                rendered = rendered[len(bos_text) :]  # the tokenizer adds BOS itself
+        else:
+            rendered = (
+                "".join(
+                    f"{m.role.upper()}:\n\ue000{i}\ue001\n\n" for i, m in enumerate(prompt.messages)
+                )
+                + "ASSISTANT:\n"
+            )
+        tokens = list(self._bos)
+        pos = 0
+        for match in _SENTINEL.finditer(rendered):
+            glue = rendered[pos : match.start()]
+            if glue:
+                tokens += llm.tokenize(glue.encode("utf-8"), add_bos=False, special=True)
+            text = contents[int(match.group(1))]
+            if text:
+                tokens += llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            pos = match.end()
+        tail = rendered[pos:]
+        if tail:
+            tokens += llm.tokenize(tail.encode("utf-8"), add_bos=False, special=True)
+        if prompt.response_prefix:
+            tokens += llm.tokenize(
+                prompt.response_prefix.encode("utf-8"), add_bos=False, special=False
+            )
+        return tokens
+
+    def _choices(self, choices: tuple[str, ...]) -> dict[str, list[int]]:
+        """For each choice word, the single tokens that can start it (its prefixes), the
+        longest last."""
+        if choices not in self._choice_ids:
+            llm = self._require()
+            table: dict[str, list[int]] = {}
+            for word in choices:
+                ids: list[int] = []
+                for k in range(1, len(word) + 1):
+                    toks = llm.tokenize(word[:k].encode("utf-8"), add_bos=False, special=False)
+                    if len(toks) == 1 and toks[0] not in ids:
+                        ids.append(toks[0])
+                table[word] = ids
+            self._choice_ids[choices] = table
+        return self._choice_ids[choices]
+
+    def generate(self, request: GenerationRequest, on_token: TokenHook | None = None) -> Generation:
+        llm = self._require()
+        tokens = self.tokenize_prompt(request.prompt)
+        if len(tokens) + request.max_tokens > self._n_ctx:
+            raise BackendError(
+                f"prompt of {len(tokens)} tokens + {request.max_tokens} does not fit n_ctx "
+                f"{self._n_ctx}"
+            )
+        choice_probs: dict[str, float] = {}
+        table = self._choices(request.constraint.choices) if request.constraint.choices else {}
+
+        def read_choices(_ids: Any, scores: Any) -> Any:
+            # Only the first position carries the choice; later calls cost one comparison.
+            if not table or choice_probs:
+                return scores
+            z = scores - scores.max()
+            p = np.exp(z)
+            total = float(p.sum())
+            for word, ids in table.items():
+                choice_probs[word] = float(p[ids].sum()) / total
+            if request.choose is not None:
+                # Force the policy's choice: greedy sampling would pick the likeliest single
+                # token, which can differ from the likeliest word when a word's mass is split
+                # over several of its prefixes.
+                forced = table[request.choose(dict(choice_probs))][-1]
+                scores[:] = -np.inf
+                scores[forced] = 0.0
+            return scores
+
+        def past_deadline(_ids: Any, _logits: Any) -> bool:
+            return time.monotonic() >= request.deadline
+
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pieces: list[str] = []
+        finish = Finish.LENGTH
+        start = time.monotonic()
+        first_token_at: float | None = None
+        count = 0
+        try:
+            llm.set_seed(request.seed)
+            stream = llm.generate(
+                tokens,
+                temp=request.temperature,
+                top_k=40,
+                top_p=0.95,
+                min_p=0.05,
+                repeat_penalty=1.0,
+                logits_processor=LogitsProcessorList([read_choices]) if table else None,
+                stopping_criteria=StoppingCriteriaList([past_deadline]),
+                grammar=_compile_grammar(request.constraint.gbnf),
+            )
+            try:
+                for token in stream:
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+                    if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                        finish = Finish.STOP
+                        break
+                    count += 1
+                    piece = decoder.decode(llm.detokenize([token], special=False))
+                    pieces.append(piece)
+                    if on_token is not None and on_token(token, piece):
+                        finish = Finish.HOOK
+                        break
+                    if time.monotonic() >= request.deadline:
+                        finish = Finish.DEADLINE
+                        break
+                    if count >= request.max_tokens:
+                        finish = Finish.LENGTH
+                        break
+                else:
+                    # llama-cpp-python's generator ends only through stopping_criteria
+                    finish = Finish.DEADLINE
+            finally:
+                stream.close()
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise BackendError(f"llama.cpp generation failed: {exc}") from exc
+        end = time.monotonic()
+        first = first_token_at or end
+        pieces.append(decoder.decode(b"", final=True))
+        return Generation(
+            text="".join(pieces),
+            finish=finish,
+            prompt_tokens=len(tokens),
+            completion_tokens=count,
+            prefill_s=first - start,
+            decode_s=end - first,
+            choice_probs=choice_probs,
+        )
+
+    def health(self) -> bool:
+        return self._llm is not None
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None

@@ -1,0 +1,59 @@
+"""The project's error hierarchy. Each error carries its HTTP status and error code, so the
+API layer maps them without inspecting messages."""
+
+from __future__ import annotations
+
+
+class GatekeeperError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequestError(GatekeeperError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "bad_request"
+
+
+class UnknownTierError(BadRequestError):
+    code = "unknown_tier"
+
+
+class UnknownPolicyError(BadRequestError):
+    code = "unknown_policy"
+
+
+class PayloadTooLargeError(GatekeeperError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ConfigurationError(GatekeeperError):
+    """Settings or the tier table are inconsistent; raised at start-up, never per request."""
+
+    code = "configuration_error"
+
+
+class ModelStoreError(GatekeeperError):
+    """Weights are missing, incomplete or fail their checksum."""
+
+    error_type = "model_error"
+    code = "model_store_error"
+
+
+class BackendError(GatekeeperError):
+    """An inference engine failed; adapters raise this at their boundary."""
+
+    error_type = "model_error"
+    code = "backend_error"
+
+
+class BackendUnavailableError(BackendError):
+    code = "backend_unavailable"

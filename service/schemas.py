@@ -1,0 +1,183 @@
+"""The HTTP contract: request, response and error models (pydantic v2 only)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Bounds keep one request from exhausting memory or the model's context; the
+# prompt builder trims further to fit the tier's context window.
+MAX_TEXT = 20_000
+MAX_TURNS = 200
+MAX_EVIDENCE = 256
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
+
+
+class Decision(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REVISE = "revise"
+    ESCALATE = "escalate"
+
+
+class DegradedReason(StrEnum):
+    """Why an answer is degraded; every fail-closed answer carries one."""
+
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_ERROR = "model_error"
+    INVALID_OUTPUT = "invalid_output"
+    DEADLINE = "deadline"
+    DOOM_LOOP = "doom_loop"
+    INPUT_TOO_LONG = "input_too_long"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Agent(_Strict):
+    id: str = Field(min_length=1, max_length=128, description="The calling agent's id.")
+    profile: str = Field(
+        default="", max_length=MAX_TEXT, description="The agent's system profile or role."
+    )
+
+
+class Turn(_Strict):
+    role: Literal["user", "agent", "tool", "environment"]
+    content: str = Field(default="", max_length=MAX_TEXT)
+    thought: str | None = Field(default=None, max_length=MAX_TEXT, description="Agent turns only.")
+    action: str | None = Field(default=None, max_length=MAX_TEXT, description="Agent turns only.")
+
+    @model_validator(mode="after")
+    def _agent_fields_only_on_agent_turns(self) -> Turn:
+        if self.role != "agent" and (self.thought is not None or self.action is not None):
+            raise ValueError("only agent turns may carry 'thought' or 'action'")
+        return self
+
+
+class ToolAction(_Strict):
+    tool: str = Field(min_length=1, max_length=256, pattern=r"\S")
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class TextAction(_Strict):
+    text: str = Field(min_length=1, max_length=MAX_TEXT, pattern=r"\S")
+
+
+ProposedAction = ToolAction | TextAction
+
+
+class TripleEvidence(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    subject: str = Field(min_length=1, max_length=1000)
+    predicate: str = Field(min_length=1, max_length=1000)
+    object: str = Field(min_length=1, max_length=1000)
+    source: str | None = Field(default=None, max_length=1000)
+
+
+class RuleEvidence(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    text: str = Field(min_length=1, max_length=4000)
+    source: str | None = Field(default=None, max_length=1000)
+
+
+EvidenceItem = TripleEvidence | RuleEvidence
+
+
+class EvaluateRequest(_Strict):
+    request_id: str | None = Field(
+        default=None, pattern=ID_PATTERN, description="Made by the server when missing."
+    )
+    agent: Agent
+    goal: str = Field(default="", max_length=MAX_TEXT, description="The user's instruction.")
+    history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS)
+    action: ProposedAction = Field(description="The proposed next action.")
+    evidence: list[EvidenceItem] | None = Field(default=None, max_length=MAX_EVIDENCE)
+    policy: str | None = Field(
+        default=None, max_length=64, description="Name of a server-side policy pack."
+    )
+    latency_budget_ms: int | None = Field(
+        default=None, ge=1, le=600_000, description="Server default when missing."
+    )
+    tier: str | None = Field(default=None, max_length=32, description="Pin a tier by name.")
+    explain: bool = Field(default=True, description="Ask for a rationale and citations.")
+
+    @field_validator("evidence")
+    @classmethod
+    def _unique_evidence_ids(cls, items: list[EvidenceItem] | None) -> list[EvidenceItem] | None:
+        if items:
+            seen: set[str] = set()
+            for item in items:
+                if item.id in seen:
+                    raise ValueError(f"duplicate evidence id {item.id!r}")
+                seen.add(item.id)
+        return items
+
+
+class Timing(BaseModel):
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Trimmed(BaseModel):
+    """What the prompt builder left out to fit the model's context."""
+
+    history_turns: int = 0
+    evidence_items: int = 0
+
+
+class EvaluateResponse(BaseModel):
+    request_id: str
+    decision: Decision
+    confidence: Annotated[float, Field(ge=0.0, le=1.0)]
+    evidence: list[EvidenceItem] = Field(default_factory=list)
+    cited_history: list[int] = Field(
+        default_factory=list, description="1-based indices of the history turns cited."
+    )
+    rationale: str = ""
+    revision: ProposedAction | None = Field(
+        default=None, description="Present exactly when the decision is 'revise'."
+    )
+    tier: str | None = None
+    model: str | None = None
+    degraded: bool = False
+    reason: DegradedReason | None = None
+    trimmed: Trimmed | None = None
+    timing: Timing = Field(default_factory=Timing)
+    usage: Usage = Field(default_factory=Usage)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class TierStatus(BaseModel):
+    name: str
+    state: Literal["loaded", "loading", "unavailable", "failed"]
+    model: str | None = None
+    detail: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    tiers: list[TierStatus]

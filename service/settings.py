@@ -1,0 +1,166 @@
+"""One settings tree, read in one place: defaults < `models/tiers.toml` (or GATEKEEPER_CONFIG)
+< GATEKEEPER_* environment variables (nested with `__`, e.g. GATEKEEPER_TIERS__EDGE__N_CTX)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from service.errors import ConfigurationError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "models" / "tiers.toml"
+CONFIG_ENV = "GATEKEEPER_CONFIG"
+# Capability order, weakest first; the router prefers the most capable tier that fits.
+TIER_ORDER = ("edge", "mid", "strategic")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSource(_Section):
+    """A catalogue entry: where a model's GGUF comes from and how to check it."""
+
+    description: str = ""
+    path: Path | None = Field(default=None, description="An explicit GGUF file.")
+    package: str | None = Field(
+        default=None, description="Import name of a pip package that ships the GGUF file."
+    )
+    package_file: str | None = Field(default=None, description="The GGUF's name in `package`.")
+    parts: list[str] = Field(
+        default_factory=list,
+        description="Import names of pip packages holding data/partNN.bin chunks, in order.",
+    )
+    file: str | None = Field(default=None, description="Name of the assembled file in the cache.")
+    requirements: list[str] = Field(
+        default_factory=list, description="pip requirement specs that install this model."
+    )
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        kinds = [self.path is not None, self.package is not None, bool(self.parts)]
+        if sum(kinds) != 1:
+            raise ValueError("a model source names exactly one of: path, package, parts")
+        if self.package is not None and not self.package_file:
+            raise ValueError("'package' needs 'package_file'")
+        if self.parts and not self.file:
+            raise ValueError("'parts' needs 'file', the assembled file's name")
+        return self
+
+
+class TierSettings(_Section):
+    backend: Literal["llama_cpp", "fake"] = Field(
+        default="llama_cpp", description="Which engine adapter serves this tier."
+    )
+    model: str | None = Field(default=None, description="A name from the [models] catalogue.")
+    model_path: Path | None = Field(default=None, description="Any GGUF file; overrides `model`.")
+    model_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Checked when `model_path` is set."
+    )
+    n_ctx: int = Field(default=4096, ge=512, le=131_072, description="Context window, tokens.")
+    n_threads: int | None = Field(default=None, ge=1, le=256, description="None: all cores.")
+    n_batch: int = Field(default=512, ge=32, le=8192)
+    max_tokens: int = Field(default=192, ge=8, le=4096, description="Hard cap on generated tokens.")
+    rationale_chars: int = Field(default=240, ge=0, le=2000, description="maxLength of rationale.")
+    revision_chars: int = Field(default=240, ge=16, le=2000, description="maxLength of revision.")
+    max_cited: int = Field(default=4, ge=0, le=32, description="maxItems of cited evidence.")
+    chat_template: Literal["auto", "none"] = Field(
+        default="auto", description="'auto': the GGUF's own template; 'none': raw completion."
+    )
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEKEEPER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = Field(default="127.0.0.1", description="Bind address for `gatekeeper serve`.")
+    port: int = Field(default=8080, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    fail_closed_decision: Literal["escalate", "deny"] = Field(
+        default="escalate", description="The posture for every fault on the decision path."
+    )
+    allow_threshold: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="An 'allow' needs at least this probability, normalised over the four "
+        "decisions, where the engine exposes it; a less certain allow becomes 'escalate'.",
+    )
+    default_tier: str = Field(default="edge", description="Used when a request pins none.")
+    default_latency_budget_ms: int = Field(default=30_000, ge=1, le=600_000)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger bodies get 413.")
+    max_prompt_evidence: int = Field(
+        default=12, ge=1, le=256, description="Evidence items placed in one prompt, at most."
+    )
+    max_turn_chars: int = Field(
+        default=1500, ge=64, description="Each history turn is cut to this many characters."
+    )
+    retry_invalid_output: bool = Field(default=True, description="Re-ask once on bad output.")
+    model_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "gatekeeper" / "models",
+        description="Where GGUF files assembled from pip packages are kept.",
+    )
+    policy_dirs: list[Path] = Field(
+        default_factory=list, description="Extra folders of policy packs (*.json)."
+    )
+    load_tiers: list[str] | None = Field(
+        default=None, description="Load only these tiers (None: every tier with a model)."
+    )
+    tiers: dict[str, TierSettings] = Field(default_factory=dict)
+    models: dict[str, ModelSource] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        for name, tier in self.tiers.items():
+            if tier.model is not None and tier.model not in self.models:
+                raise ValueError(f"tier {name!r} names unknown model {tier.model!r}")
+        if self.tiers and self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
+        return self
+
+    def ordered_tiers(self) -> list[str]:
+        """Tier names, weakest first; unknown names go after the standard three."""
+        known = [t for t in TIER_ORDER if t in self.tiers]
+        return known + sorted(t for t in self.tiers if t not in TIER_ORDER)
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Build the settings: `overrides` > environment > config file > defaults."""
+    path = config_file or Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG))
+    if config_file is not None and not path.is_file():
+        raise ConfigurationError(f"config file not found: {path}")
+
+    class _FromFile(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path.is_file():
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    try:
+        return _FromFile(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid configuration ({path}): {exc}") from exc

@@ -1,0 +1,63 @@
+"""Every Prometheus metric, defined in one place on an explicit registry (one per app, so
+tests can build several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gatekeeper_requests",
+            "Decisions answered, by tier and decision.",
+            ["tier", "decision", "degraded"],
+            registry=r,
+        )
+        self.fail_closed = Counter(
+            "gatekeeper_fail_closed",
+            "Fail-closed (degraded) answers, by reason.",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.invalid_outputs = Counter(
+            "gatekeeper_invalid_outputs",
+            "Model outputs that failed verification.",
+            ["tier"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "gatekeeper_stage_seconds",
+            "Time per pipeline stage.",
+            ["tier", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gatekeeper_tokens",
+            "Tokens processed, by tier and kind (prompt, completion).",
+            ["tier", "kind"],
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "gatekeeper_model_loaded",
+            "1 when the tier's model is loaded, else 0.",
+            ["tier", "model"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "gatekeeper_queue_depth",
+            "Requests waiting for or running on a tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.http_errors = Counter(
+            "gatekeeper_http_errors",
+            "Error responses, by status code and error code.",
+            ["status", "code"],
+            registry=r,
+        )
