@@ -54,8 +54,13 @@ class LoopSettings:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        minimum = {"min_repeats": 2, "chunk_repeats": 2, "sentence_repeats": 2,
-                   "value_repeats": 2, "chunk_window": 0}
+        minimum = {
+            "min_repeats": 2,
+            "chunk_repeats": 2,
+            "sentence_repeats": 2,
+            "value_repeats": 2,
+            "chunk_window": 0,
+        }
         for field in fields(self):
             value = getattr(self, field.name)
             if field.name != "enabled" and value < minimum.get(field.name, 1):
@@ -105,8 +110,10 @@ class LoopDetector:
         self.settings = settings if settings is not None else LoopSettings()
         s = self.settings
         # Precomputed: feed() is on the decode hot path.
-        self._need = [0] + [max(p * (s.min_repeats - 1), s.min_loop_tokens - p, 1)
-                            for p in range(1, s.max_period + 1)]
+        self._need = [0] + [
+            max(p * (s.min_repeats - 1), s.min_loop_tokens - p, 1)
+            for p in range(1, s.max_period + 1)
+        ]
         self.reset()
 
     @property
@@ -189,8 +196,12 @@ class LoopDetector:
             return None
         block = "".join(self._texts[-hit:])
         copies = (runs[hit] + hit) // hit
-        return LoopVerdict(LoopKind.PERIODIC_TOKENS, hit, index,
-                           f"block of {hit} tokens {_clip(block)!r} x{copies}")
+        return LoopVerdict(
+            LoopKind.PERIODIC_TOKENS,
+            hit,
+            index,
+            f"block of {hit} tokens {_clip(block)!r} x{copies}",
+        )
 
     def _scan(self, index: int, text: str) -> LoopVerdict | None:
         s = self.settings
@@ -198,8 +209,12 @@ class LoopDetector:
             if c.isspace():
                 self._ws_run += 1
                 if self._ws_run >= s.max_whitespace_run:
-                    return LoopVerdict(LoopKind.WHITESPACE_RUN, 1, index,
-                                       f"{self._ws_run} whitespace characters in a row")
+                    return LoopVerdict(
+                        LoopKind.WHITESPACE_RUN,
+                        1,
+                        index,
+                        f"{self._ws_run} whitespace characters in a row",
+                    )
             else:
                 self._ws_run = 0
                 if c.isalnum():
@@ -251,8 +266,12 @@ class LoopDetector:
         span = n - seen[0]
         if len(seen) < s.chunk_repeats or span > s.chunk_window:
             return None
-        return LoopVerdict(LoopKind.REPEATED_CHUNK, span // (s.chunk_repeats - 1), index,
-                           f"chunk {_clip(chunk)!r} x{len(seen)} within {span} chars")
+        return LoopVerdict(
+            LoopKind.REPEATED_CHUNK,
+            span // (s.chunk_repeats - 1),
+            index,
+            f"chunk {_clip(chunk)!r} x{len(seen)} within {span} chars",
+        )
 
     def _punctuation(self, index: int, c: str) -> LoopVerdict | None:
         # Whitespace neither breaks nor extends a run, so ", , , ," counts like ",,,,".
@@ -271,8 +290,12 @@ class LoopDetector:
         if not hit:
             return None
         pattern = "".join(recent[-hit:])
-        return LoopVerdict(LoopKind.PUNCTUATION_RUN, hit, index,
-                           f"{runs[hit] + hit} punctuation characters repeating {pattern!r}")
+        return LoopVerdict(
+            LoopKind.PUNCTUATION_RUN,
+            hit,
+            index,
+            f"{runs[hit] + hit} punctuation characters repeating {pattern!r}",
+        )
 
     def _lex(self, index: int, c: str) -> LoopVerdict | None:
         """Track JSON strings and containers, and feed sentence text."""
@@ -330,8 +353,9 @@ class LoopDetector:
         n = _bump(self._values, value)
         if n < self.settings.value_repeats:
             return None
-        return LoopVerdict(LoopKind.REPEATED_VALUE, len(value), index,
-                           f'value "{_clip(value)}" x{n}')
+        return LoopVerdict(
+            LoopKind.REPEATED_VALUE, len(value), index, f'value "{_clip(value)}" x{n}'
+        )
 
     def _sentence_char(self, index: int, c: str) -> LoopVerdict | None:
         sentence = self._sentence
@@ -362,5 +386,6 @@ class LoopDetector:
         n = _bump(self._sentences, key)
         if n < self.settings.sentence_repeats:
             return None
-        return LoopVerdict(LoopKind.REPEATED_SENTENCE, len(key), index,
-                           f'sentence "{_clip(raw)}" x{n}')
+        return LoopVerdict(
+            LoopKind.REPEATED_SENTENCE, len(key), index, f'sentence "{_clip(raw)}" x{n}'
+        )

@@ -7,19 +7,17 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
-from service.backends.base import ChoicePolicy, Finish, Generation, GenerationRequest
-from service.errors import BackendError
+from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier
+from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.prompt import BuiltPrompt, ContextOverflowError, build_prompt
 from service.schemas import (
     Decision,
     DegradedReason,
     EvaluateRequest,
     EvaluateResponse,
     EvidenceItem,
+    LoopReport,
     TextAction,
     Timing,
     Usage,
@@ -27,7 +25,6 @@ from service.schemas import (
 from service.settings import Settings
 from service.telemetry import Metrics
 from service.tiers import QueueWaitExceededError, Tier, TierPool
-from service.verify import InvalidAnswerError, ModelAnswer, is_complete, parse_answer
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +56,6 @@ def confidence_of(decision: Decision, probs: dict[str, float]) -> float:
     if p_allow is None:
         return 0.5  # the engine exposed no probabilities
     return p_allow if decision == Decision.ALLOW else 1.0 - p_allow
-
-
-class FailClosed(Exception):
-    def __init__(self, reason: DegradedReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class _Outcome:
-    answer: ModelAnswer
-    built: BuiltPrompt
-    generation: Generation
-    queue_s: float
 
 
 class Gatekeeper:
@@ -118,17 +100,65 @@ class Gatekeeper:
             outcome = await self._run(tier, request, deadline)
         except FailClosed as fault:
             return self._fail_closed(request_id, tier, fault, start)
-        return self._answer(request_id, tier, outcome, start)
+        return self._answer(request_id, outcome, start)
 
-    async def _run(self, tier: Tier, request: EvaluateRequest, deadline: float) -> _Outcome:
+    def _fallback(self, tried: list[str]) -> Tier | None:
+        """Another loaded tier after a loop: the next more capable one, else a weaker one."""
+        names = self.settings.ordered_tiers()
+        last = names.index(tried[-1]) if tried[-1] in names else len(names)
+        order = names[last + 1 :] + names[:last][::-1]
+        for name in order:
+            tier = self.pool.tiers.get(name)
+            if name not in tried and tier is not None and tier.state == "loaded":
+                return tier
+        return None
+
+    async def _run(self, tier: Tier, request: EvaluateRequest, deadline: float) -> Outcome:
         evidence = self._evidence(request)
+        loops: list[LoopReport] = []
+        tried = [tier.name]
+        while True:
+            try:
+                outcome = await self._run_on(tier, request, evidence, deadline)
+            except LoopFailure as failure:
+                loops += failure.loops
+                other = self._fallback(tried)
+                if other is None or time.monotonic() >= deadline:
+                    self._count_loops(loops)
+                    raise FailClosed(
+                        DegradedReason.DOOM_LOOP, "the model looped and could not recover", loops
+                    ) from failure
+                loops[-1].action = "other_tier"
+                tier = other
+                tried.append(tier.name)
+                continue
+            except FailClosed as fault:
+                fault.loops = loops + fault.loops
+                self._count_loops(fault.loops)
+                raise
+            outcome.loops = loops + outcome.loops
+            self._count_loops(outcome.loops)
+            return outcome
+
+    async def _run_on(
+        self, tier: Tier, request: EvaluateRequest, evidence: list[EvidenceItem], deadline: float
+    ) -> Outcome:
+        def job(queue_s: float) -> Outcome:
+            return run_on_tier(
+                tier,
+                request,
+                evidence,
+                deadline,
+                queue_s,
+                settings=self.settings,
+                choose=self._choose,
+                metrics=self.metrics,
+            )
+
         self.metrics.queue_depth.labels(tier.name).set(tier.pending + 1)
         try:
             return await asyncio.wait_for(
-                tier.run(
-                    lambda queue_s: self._generate(tier, request, evidence, deadline, queue_s),
-                    deadline,
-                ),
+                tier.run(job, deadline),
                 timeout=max(0.0, deadline - time.monotonic()) + _RESPONSE_RESERVE_S,
             )
         except (TimeoutError, QueueWaitExceededError) as exc:
@@ -136,92 +166,12 @@ class Gatekeeper:
         finally:
             self.metrics.queue_depth.labels(tier.name).set(tier.pending)
 
-    def _generate(
-        self,
-        tier: Tier,
-        request: EvaluateRequest,
-        evidence: list[EvidenceItem],
-        deadline: float,
-        queue_s: float,
-    ) -> _Outcome:
-        """Runs on the tier's worker thread."""
-        backend = tier.backend
-        assert backend is not None
-        limits = tier.settings
-        try:
-            built = build_prompt(
-                request,
-                evidence,
-                count_tokens=backend.count_tokens,
-                max_prompt_tokens=backend.context_size - limits.max_tokens,
-                max_turn_chars=self.settings.max_turn_chars,
-            )
-        except ContextOverflowError as exc:
-            raise FailClosed(DegradedReason.INPUT_TOO_LONG, str(exc)) from exc
-        except BackendError as exc:
-            raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
-        shape = AnswerShape(
-            evidence_ids=tuple(item.id for item in built.evidence),
-            history_ids=built.history_ids,
-            max_cited=limits.max_cited,
-            rationale_chars=limits.rationale_chars,
-            revision_chars=limits.revision_chars,
-            explain=request.explain,
-        )
-        constraint = build_constraint(shape)
-        attempts = 2 if self.settings.retry_invalid_output else 1
-        last_error = "no attempt"
-        for attempt in range(attempts):
-            text = RESPONSE_PREFIX
+    def _count_loops(self, loops: list[LoopReport]) -> None:
+        for loop in loops:
+            self.metrics.loops.labels(loop.tier, loop.kind, loop.action).inc()
 
-            def on_token(_token: int, piece: str) -> bool:
-                nonlocal text
-                text += piece
-                return is_complete(text)  # stop at the closing brace, not one token later
-
-            try:
-                generation = backend.generate(
-                    GenerationRequest(
-                        prompt=built.prompt,
-                        constraint=constraint,
-                        max_tokens=limits.max_tokens,
-                        deadline=deadline - _RESPONSE_RESERVE_S,
-                        temperature=limits.temperature
-                        if attempt == 0
-                        else max(0.7, limits.temperature),
-                        seed=attempt,
-                        choose=self._choose,
-                    ),
-                    on_token,
-                )
-            except BackendError as exc:
-                raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
-            self._count_tokens(tier, generation)
-            if generation.finish == Finish.DEADLINE:
-                raise FailClosed(DegradedReason.DEADLINE, "generation stopped at the deadline")
-            try:
-                answer = parse_answer(RESPONSE_PREFIX + generation.text, shape)
-                return _Outcome(answer, built, generation, queue_s)
-            except InvalidAnswerError as exc:
-                self.metrics.invalid_outputs.labels(tier.name).inc()
-                last_error = str(exc)
-                logger.warning(
-                    "invalid output from %s (attempt %d, finish %s): %s",
-                    tier.name,
-                    attempt + 1,
-                    generation.finish,
-                    last_error,
-                )
-        raise FailClosed(DegradedReason.INVALID_OUTPUT, last_error)
-
-    def _count_tokens(self, tier: Tier, generation: Generation) -> None:
-        self.metrics.tokens.labels(tier.name, "prompt").inc(generation.prompt_tokens)
-        self.metrics.tokens.labels(tier.name, "completion").inc(generation.completion_tokens)
-
-    def _answer(
-        self, request_id: str, tier: Tier, outcome: _Outcome, start: float
-    ) -> EvaluateResponse:
-        answer, gen = outcome.answer, outcome.generation
+    def _answer(self, request_id: str, outcome: Outcome, start: float) -> EvaluateResponse:
+        answer, gen, tier = outcome.answer, outcome.generation, outcome.tier
         by_id = {item.id: item for item in outcome.built.evidence}
         confidence = confidence_of(answer.decision, gen.choice_probs)
         timing = Timing(
@@ -241,6 +191,7 @@ class Gatekeeper:
             tier=tier.name,
             model=tier.model,
             trimmed=outcome.built.trimmed,
+            loops=outcome.loops,
             timing=timing,
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
         )
@@ -268,6 +219,7 @@ class Gatekeeper:
             model=tier.model,
             degraded=True,
             reason=fault.reason,
+            loops=fault.loops,
             timing=Timing(total_ms=(time.monotonic() - start) * 1000),
         )
         self.metrics.fail_closed.labels(tier.name, fault.reason.value).inc()

@@ -135,6 +135,19 @@ class Trimmed(BaseModel):
     evidence_items: int = 0
 
 
+LoopAction = Literal["retry", "other_tier", "fail_closed"]
+
+
+class LoopReport(BaseModel):
+    """A doom loop the detector stopped, and what was done about it."""
+
+    tier: str
+    kind: str = Field(description="periodic_tokens, repeated_chunk, whitespace_run, ...")
+    at_token: int = Field(description="Output token at which the loop was detected.")
+    detail: str
+    action: LoopAction
+
+
 class EvaluateResponse(BaseModel):
     request_id: str
     decision: Decision
@@ -152,6 +165,9 @@ class EvaluateResponse(BaseModel):
     degraded: bool = False
     reason: DegradedReason | None = None
     trimmed: Trimmed | None = None
+    loops: list[LoopReport] = Field(
+        default_factory=list, description="Loops detected while answering, and the recovery."
+    )
     timing: Timing = Field(default_factory=Timing)
     usage: Usage = Field(default_factory=Usage)
 

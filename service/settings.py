@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from service.errors import ConfigurationError
+from service.loops import LoopSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "models" / "tiers.toml"
@@ -40,6 +41,9 @@ class ModelSource(_Section):
     parts: list[str] = Field(
         default_factory=list,
         description="Import names of pip packages holding data/partNN.bin chunks, in order.",
+    )
+    part_glob: str = Field(
+        default="part*.bin", description="The chunk files inside each part package's data/."
     )
     file: str | None = Field(default=None, description="Name of the assembled file in the cache.")
     requirements: list[str] = Field(
@@ -110,7 +114,12 @@ class Settings(BaseSettings):
     max_turn_chars: int = Field(
         default=1500, ge=64, description="Each history turn is cut to this many characters."
     )
-    retry_invalid_output: bool = Field(default=True, description="Re-ask once on bad output.")
+    retry_once: bool = Field(
+        default=True, description="Re-ask once after an invalid output or a loop."
+    )
+    loops: LoopSettings = Field(
+        default_factory=LoopSettings, description="Doom-loop detector thresholds."
+    )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "gatekeeper" / "models",
         description="Where GGUF files assembled from pip packages are kept.",

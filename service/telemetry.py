@@ -30,6 +30,12 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.loops = Counter(
+            "gatekeeper_loops",
+            "Doom loops stopped, by tier, kind and recovery action.",
+            ["tier", "kind", "action"],
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "gatekeeper_stage_seconds",
             "Time per pipeline stage.",

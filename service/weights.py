@@ -108,7 +108,7 @@ class ModelStore:
         missing: list[str] = []
         for package in source.parts:
             pkg = _package_dir(package)
-            found = sorted((pkg / "data").glob("part*.bin")) if pkg else []
+            found = sorted((pkg / "data").glob(source.part_glob)) if pkg else []
             if not found:
                 missing.append(package)
             files.extend(found)

@@ -5,6 +5,7 @@ import math
 import random
 import re
 import string
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -39,8 +40,10 @@ class Tokenizer:
         return [(self.vocab.setdefault(p, len(self.vocab)), p) for p in pieces]
 
 
-def run(tokens: list[tuple[int, str]], loop_settings: LoopSettings | None = None,
-        ) -> LoopVerdict | None:
+def run(
+    tokens: list[tuple[int, str]],
+    loop_settings: LoopSettings | None = None,
+) -> LoopVerdict | None:
     """Feed every token; return the first verdict, checking it sticks afterwards."""
     detector = LoopDetector(loop_settings)
     first: LoopVerdict | None = None
@@ -55,8 +58,11 @@ def run(tokens: list[tuple[int, str]], loop_settings: LoopSettings | None = None
     return first
 
 
-def scan(text: str, pattern: str = WORDS, loop_settings: LoopSettings | None = None,
-         ) -> LoopVerdict | None:
+def scan(
+    text: str,
+    pattern: str = WORDS,
+    loop_settings: LoopSettings | None = None,
+) -> LoopVerdict | None:
     return run(Tokenizer()(text, pattern), loop_settings)
 
 
@@ -71,6 +77,7 @@ def token_at(tokens: list[tuple[int, str]], char_pos: int) -> int:
 
 
 # --- each kind fires on a clear example ---------------------------------------------------
+
 
 def test_periodic_tokens() -> None:
     verdict = scan("ok " * 20)
@@ -98,6 +105,14 @@ def test_periodic_needs_min_repeats_copies() -> None:
     assert (verdict.kind, verdict.period, verdict.at_token) == (LoopKind.PERIODIC_TOKENS, 10, 29)
 
 
+def test_periodic_at_max_period() -> None:
+    block = [(i, f"w{i} ") for i in range(8)]
+    verdict = run(block * 3, LoopSettings(max_period=8))
+    assert verdict is not None
+    assert (verdict.kind, verdict.period, verdict.at_token) == (LoopKind.PERIODIC_TOKENS, 8, 23)
+    assert run(block * 3, LoopSettings(max_period=7)) is None
+
+
 def test_repeated_chunk() -> None:
     # 3-character tokens over a 20-character phrase repeat only every 60 characters, so the
     # token detector lags and the character chunks catch it first.
@@ -109,6 +124,25 @@ def test_repeated_chunk() -> None:
     assert verdict.period == len(phrase)
     # Fifth copy of the first 50-character chunk ends at character 50 + 4 * 20.
     assert verdict.at_token == token_at(tokens, 50 + 4 * 20 - 1)
+
+
+def test_repeated_chunk_inside_json_string() -> None:
+    # A rationale that cycles without ever ending a sentence.
+    text = '{"decision": "deny", "rationale": "' + "the agent keeps deleting files and " * 8
+    verdict = scan(text, THREES)
+    assert verdict is not None
+    assert verdict.kind is LoopKind.REPEATED_CHUNK
+    assert verdict.period == len("the agent keeps deleting files and ")
+
+
+def test_repeated_chunk_must_be_close_together() -> None:
+    # A stock phrase that recurs every ~300 characters is style, not a loop.
+    phrase = "according to the policy on destructive commands, "
+    text = "".join(phrase + " ".join(f"w{i}x{j}" for j in range(50)) + " " for i in range(6))
+    assert scan(text, THREES) is None
+    close = LoopSettings(chunk_window=10_000)
+    verdict = scan(text, THREES, close)
+    assert verdict is not None and verdict.kind is LoopKind.REPEATED_CHUNK
 
 
 def test_whitespace_run() -> None:
@@ -126,9 +160,16 @@ def test_newline_run_in_big_tokens() -> None:
     assert verdict.at_token == 16  # 16 tokens of 4 newlines reach 64
 
 
-@pytest.mark.parametrize("run_text, period", [
-    ("!" * 60, 1), ("." * 60, 1), (", " * 60, 1), ("-." * 40, 2), ('"", ' * 30, 3),
-])
+@pytest.mark.parametrize(
+    "run_text, period",
+    [
+        ("!" * 60, 1),
+        ("." * 60, 1),
+        (", " * 60, 1),
+        ("-." * 40, 2),
+        ('"", ' * 30, 3),
+    ],
+)
 def test_punctuation_run(run_text: str, period: int) -> None:
     for pattern in (WORDS, THREES):
         verdict = scan("Wait" + run_text, pattern)
@@ -167,13 +208,17 @@ def test_sentence_normalisation_and_newlines() -> None:
 
 
 def test_json_escaped_newline_ends_sentence() -> None:
-    verdict = scan('{"reason": "No consent was given\\nNo consent was given\\nNo consent was given\\n"}')
+    verdict = scan(
+        '{"reason": "No consent was given\\nNo consent was given\\nNo consent was given\\n"}'
+    )
     assert verdict is not None
     assert verdict.kind is LoopKind.REPEATED_SENTENCE
 
 
 def test_repeated_value() -> None:
-    text = '{"decision": "deny", "evidence": ["R1 applies", "R1 applies", "R1 applies", "R1 applies"'
+    text = (
+        '{"decision": "deny", "evidence": ["R1 applies", "R1 applies", "R1 applies", "R1 applies"'
+    )
     tokens = Tokenizer()(text)
     verdict = run(tokens)
     assert verdict is not None
@@ -192,21 +237,52 @@ def test_repeated_long_object_value() -> None:
 
 # --- must not fire on legitimate output ---------------------------------------------------
 
+
 @pytest.mark.parametrize("pattern", [WORDS, BPE_LIKE, DIGITS, THREES])
-@pytest.mark.parametrize("text", [
-    json.dumps(ANSWER),
-    json.dumps(ANSWER, indent=2),
-    json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]}),
-    json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]}, indent=4),
-    json.dumps({"evidence": ["Do not delete production data", "Do not delete production logs",
-                             "Do not delete production backups"]}),
-    json.dumps({"count": 1000000, "bytes": 10000000000, "ratio": 0.5, "score": 0.25}),
-    '{\n' + " " * 40 + '"decision": "deny",\n' + " " * 40 + '"confidence": 0.9\n}',
-    json.dumps([{"decision": "deny", "confidence": 0.1}, {"decision": "allow", "confidence": 0.2}]),
-    json.dumps([{"rule": f"R{i}", "status": "pass", "severity": "high"} for i in range(6)]),
-    "Yes. No. Maybe. Yes. Sure. No. Yes. OK.",
-    "The score went from 0.5 to 0.75 and then to 0.9. It is 0.5 again.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps(ANSWER),
+        json.dumps(ANSWER, indent=2),
+        json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]}),
+        json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]}, indent=4),
+        json.dumps(
+            {
+                "evidence": [
+                    "Do not delete production data",
+                    "Do not delete production logs",
+                    "Do not delete production backups",
+                ]
+            }
+        ),
+        json.dumps({"count": 1000000, "bytes": 10000000000, "ratio": 0.5, "score": 0.25}),
+        "{\n" + " " * 40 + '"decision": "deny",\n' + " " * 40 + '"confidence": 0.9\n}',
+        json.dumps(
+            [{"decision": "deny", "confidence": 0.1}, {"decision": "allow", "confidence": 0.2}]
+        ),
+        # same-shaped objects: long stretches of structure, keys and enum values recur
+        json.dumps([{"rule": f"R{i}", "status": "pass", "severity": "high"} for i in range(6)]),
+        json.dumps(
+            [{"justification": f"J{i}", "recommendation": "allow"} for i in range(8)], indent=2
+        ),
+        json.dumps(
+            [
+                {"id": f"R{i}", "justification_for_decision": "allow", "recommendation": "deny"}
+                for i in range(8)
+            ]
+        ),
+        json.dumps(
+            [
+                {"id": f"R{i}", "a": True, "b": False, "c": True, "d": False, "e": None, "f": None}
+                for i in range(8)
+            ]
+        ),
+        "Yes. No. Maybe. Yes. Sure. No. Yes. OK.",
+        "The score went from 0.5 to 0.75 and then to 0.9. It is 0.5 again.",
+        # a decimal point does not end a sentence, so these are three different sentences
+        "Confidence is 0.5 for rule R1. Confidence is 0.7 for rule R1. Confidence is 0.9 for rule R1.",
+    ],
+)
 def test_legitimate_output_does_not_fire(text: str, pattern: str) -> None:
     assert scan(text, pattern) is None
 
@@ -214,17 +290,42 @@ def test_legitimate_output_does_not_fire(text: str, pattern: str) -> None:
 def test_long_varied_stream() -> None:
     # 5,000 tokens of ordinary varied JSON: nothing fires and the detector keeps up.
     rng = random.Random(7)
-    words = ["agent", "deletes", "reads", "file", "home", "policy", "rule", "consent", "user",
-             "command", "backup", "log", "runs", "without", "with", "the", "a", "data"]
-    items = [{"id": f"item-{i}", "rule": f"R{rng.randrange(100)}",
-              "note": " ".join(rng.choice(words) for _ in range(rng.randrange(4, 12))) + f" {i}.",
-              "score": round(rng.random(), 3)} for i in range(400)]
+    words = [
+        "agent",
+        "deletes",
+        "reads",
+        "file",
+        "home",
+        "policy",
+        "rule",
+        "consent",
+        "user",
+        "command",
+        "backup",
+        "log",
+        "runs",
+        "without",
+        "with",
+        "the",
+        "a",
+        "data",
+    ]
+    items = [
+        {
+            "id": f"item-{i}",
+            "rule": f"R{rng.randrange(100)}",
+            "note": " ".join(rng.choice(words) for _ in range(rng.randrange(4, 12))) + f" {i}.",
+            "score": round(rng.random(), 3),
+        }
+        for i in range(400)
+    ]
     tokens = Tokenizer()(json.dumps(items, indent=2), BPE_LIKE)[:5000]
     assert len(tokens) == 5000
     assert run(tokens) is None
 
 
 # --- lifecycle and settings -----------------------------------------------------------------
+
 
 def test_verdict_sticks_and_reset_clears() -> None:
     tokenizer = Tokenizer()
@@ -263,33 +364,49 @@ def test_thresholds_are_configurable() -> None:
 @pytest.mark.parametrize("field", ["max_period", "min_repeats", "chunk_size", "sentence_repeats"])
 def test_settings_reject_nonsense(field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        LoopSettings(**{field: 0})
+        kwargs: dict[str, Any] = {field: 0}
+        LoopSettings(**kwargs)
 
 
 # --- properties -----------------------------------------------------------------------------
 
-distinct_words = st.lists(st.text(string.ascii_lowercase, min_size=1, max_size=10),
-                          min_size=3, max_size=60, unique=True)
+distinct_words = st.lists(
+    st.text(string.ascii_lowercase, min_size=1, max_size=10), min_size=3, max_size=60, unique=True
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(words=distinct_words, sentence_length=st.integers(1, 8), pattern=st.sampled_from([WORDS, BPE_LIKE]))
+@given(
+    words=distinct_words,
+    sentence_length=st.integers(1, 8),
+    pattern=st.sampled_from([WORDS, BPE_LIKE]),
+)
 def test_distinct_words_never_fire(words: list[str], sentence_length: int, pattern: str) -> None:
-    sentences = [" ".join(words[i:i + sentence_length]).capitalize() + "."
-                 for i in range(0, len(words), sentence_length)]
+    sentences = [
+        " ".join(words[i : i + sentence_length]).capitalize() + "."
+        for i in range(0, len(words), sentence_length)
+    ]
     assert scan(" ".join(sentences), pattern) is None
     assert scan(json.dumps({"evidence": words, "reason": " ".join(sentences)}), pattern) is None
 
 
 @settings(max_examples=80, deadline=None)
-@given(block=st.lists(st.integers(0, 40), min_size=1, max_size=20),
-       max_period=st.integers(20, 64), min_repeats=st.integers(2, 4),
-       min_loop_tokens=st.integers(1, 30))
-def test_repeated_block_always_fires(block: list[int], max_period: int, min_repeats: int,
-                                     min_loop_tokens: int) -> None:
+@given(
+    block=st.lists(st.integers(0, 40), min_size=1, max_size=20),
+    max_period=st.integers(20, 64),
+    min_repeats=st.integers(2, 4),
+    min_loop_tokens=st.integers(1, 30),
+)
+def test_repeated_block_always_fires(
+    block: list[int], max_period: int, min_repeats: int, min_loop_tokens: int
+) -> None:
     # Word tokens only, and the chunk detector switched off, so only PERIODIC_TOKENS can fire.
-    loop_settings = LoopSettings(max_period=max_period, min_repeats=min_repeats,
-                                 min_loop_tokens=min_loop_tokens, chunk_repeats=10**6)
+    loop_settings = LoopSettings(
+        max_period=max_period,
+        min_repeats=min_repeats,
+        min_loop_tokens=min_loop_tokens,
+        chunk_repeats=10**6,
+    )
     period = len(block)
     copies = max(min_repeats, math.ceil(min_loop_tokens / period))
     tokens = [(word, f"w{word} ") for word in block] * (copies + 2)

@@ -53,6 +53,9 @@ class GenerationRequest:
     temperature: float = 0.0
     seed: int = 0
     choose: ChoicePolicy | None = None
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 class Finish(StrEnum):

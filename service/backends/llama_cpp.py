@@ -212,10 +212,14 @@ class LlamaCppBackend:
                 top_k=40,
                 top_p=0.95,
                 min_p=0.05,
-                repeat_penalty=1.0,
+                repeat_penalty=request.repeat_penalty,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
                 logits_processor=LogitsProcessorList([read_choices]) if table else None,
                 stopping_criteria=StoppingCriteriaList([past_deadline]),
-                grammar=_compile_grammar(request.constraint.gbnf),
+                grammar=_compile_grammar(request.constraint.gbnf)
+                if request.constraint.gbnf
+                else None,
             )
             try:
                 for token in stream:
