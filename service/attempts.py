@@ -82,6 +82,7 @@ def run_on_tier(
     settings: Settings,
     choose: ChoicePolicy,
     metrics: Metrics,
+    max_prompt_tokens: int | None = None,
 ) -> Outcome:
     backend = tier.backend
     assert backend is not None
@@ -91,11 +92,15 @@ def run_on_tier(
             request,
             evidence,
             count_tokens=backend.count_tokens,
-            max_prompt_tokens=backend.context_size - limits.max_tokens,
+            max_prompt_tokens=min(
+                backend.context_size - limits.max_tokens, max_prompt_tokens or 1 << 30
+            ),
             max_turn_chars=settings.max_turn_chars,
         )
     except ContextOverflowError as exc:
-        raise FailClosed(DegradedReason.INPUT_TOO_LONG, str(exc)) from exc
+        shrunk = max_prompt_tokens is not None and max_prompt_tokens < backend.context_size
+        reason = DegradedReason.BUDGET_INFEASIBLE if shrunk else DegradedReason.INPUT_TOO_LONG
+        raise FailClosed(reason, str(exc)) from exc
     except BackendError as exc:
         raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
     shape = AnswerShape(
@@ -143,6 +148,7 @@ def run_on_tier(
         except BackendError as exc:
             raise FailClosed(DegradedReason.MODEL_ERROR, exc.message, loops) from exc
         last_took = time.monotonic() - started
+        tier.observe(generation)
         metrics.tokens.labels(tier.name, "prompt").inc(generation.prompt_tokens)
         metrics.tokens.labels(tier.name, "completion").inc(generation.completion_tokens)
         if detector.verdict is not None:

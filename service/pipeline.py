@@ -11,6 +11,8 @@ import uuid
 from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier
 from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
+from service.prompt import SYSTEM_PROMPT, render_action
+from service.routing import Route, RouteKind, TierView, choose_route
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -18,6 +20,7 @@ from service.schemas import (
     EvaluateResponse,
     EvidenceItem,
     LoopReport,
+    RouteInfo,
     TextAction,
     Timing,
     Usage,
@@ -30,6 +33,17 @@ logger = logging.getLogger(__name__)
 
 # Time kept back from the budget for verification and the response itself.
 _RESPONSE_RESERVE_S = 0.02
+# Conservative: English text runs ~4 characters per token in these tokenizers.
+_CHARS_PER_TOKEN = 3.2
+
+
+def _ms(seconds: float) -> float | None:
+    return round(seconds * 1000, 1) if seconds < float("inf") else None
+
+
+def _output_tokens(rationale_chars: int, explain: bool) -> int:
+    """Upper bound the grammar puts on the answer, in tokens (decision, ids, rationale)."""
+    return int(rationale_chars / _CHARS_PER_TOKEN) + 48 if explain else 8
 
 
 def normalised(probs: dict[str, float]) -> dict[str, float]:
@@ -89,18 +103,124 @@ class Gatekeeper:
         request_id = request.request_id or uuid.uuid4().hex
         budget_ms = request.latency_budget_ms or self.settings.default_latency_budget_ms
         deadline = start + budget_ms / 1000.0
-        tier = self.pool.get(request.tier or self.settings.default_tier)
+        evidence = self._evidence(request)
+        route = self._route(request, evidence, deadline - start)
+        tier = self.pool.get(route.tier or self.settings.default_tier)
+        self.metrics.routes.labels(tier.name, route.kind.value).inc()
+        info = RouteInfo(kind=route.kind.value, predicted_ms=_ms(route.predicted_s))
         try:
+            if route.kind == RouteKind.INFEASIBLE:
+                raise FailClosed(
+                    DegradedReason.BUDGET_INFEASIBLE,
+                    f"no tier can answer within {budget_ms} ms",
+                )
+            if route.kind == RouteKind.OVERLOADED:
+                raise FailClosed(DegradedReason.OVERLOADED, f"tier {tier.name} queue is full")
             if tier.state != "loaded" or tier.backend is None:
                 raise FailClosed(
                     DegradedReason.MODEL_UNAVAILABLE,
                     f"tier {tier.name} is {tier.state}"
                     + (f": {tier.detail}" if tier.detail else ""),
                 )
-            outcome = await self._run(tier, request, deadline)
+            self.metrics.predicted_seconds.labels(tier.name).observe(route.predicted_s)
+            outcome = await self._run(tier, request, evidence, deadline, route.max_prompt_tokens)
+            if request.tier is None:
+                outcome = await self._escalate(outcome, request, evidence, deadline, info)
         except FailClosed as fault:
-            return self._fail_closed(request_id, tier, fault, start)
-        return self._answer(request_id, outcome, start)
+            return self._fail_closed(request_id, tier, fault, start, budget_ms, info)
+        return self._answer(request_id, outcome, start, budget_ms, info)
+
+    def _estimate_tokens(
+        self, request: EvaluateRequest, evidence: list[EvidenceItem]
+    ) -> tuple[int, int]:
+        """(whole prompt, smallest prompt) in tokens, estimated from characters: routing must
+        not tokenise on the event loop."""
+        fixed = len(SYSTEM_PROMPT) + len(request.goal) + len(render_action(request)) + 200
+        turns = sum(
+            min(
+                self.settings.max_turn_chars,
+                len(t.content) + len(t.thought or "") + len(t.action or ""),
+            )
+            for t in request.history
+        )
+        ev = sum(len(e.model_dump_json()) for e in evidence)
+        whole = fixed + min(len(request.agent.profile), self.settings.max_turn_chars) + turns + ev
+        return int(whole / _CHARS_PER_TOKEN), int(fixed / _CHARS_PER_TOKEN)
+
+    def _route(
+        self, request: EvaluateRequest, evidence: list[EvidenceItem], remaining_s: float
+    ) -> Route:
+        prompt_tokens, min_tokens = self._estimate_tokens(request, evidence)
+        views = []
+        for name in self.settings.ordered_tiers() + [
+            n for n in self.pool.tiers if n not in self.settings.tiers
+        ]:
+            tier = self.pool.tiers.get(name)
+            if tier is None:
+                continue
+            limits = tier.settings
+            out = min(limits.max_tokens, _output_tokens(limits.rationale_chars, request.explain))
+            queue_s = tier.pending * tier.latency.typical_service_s()
+            q = self.settings.latency_quantile
+            views.append(
+                TierView(
+                    name=name,
+                    available=tier.state == "loaded",
+                    saturated=tier.saturated,
+                    predict_s=tier.latency.predict(prompt_tokens, out, queue_s, quantile=q),
+                    max_prompt_tokens=tier.latency.prompt_tokens_within(
+                        remaining_s - queue_s - _RESPONSE_RESERVE_S, out, quantile=q
+                    ),
+                )
+            )
+        if request.tier is None and not any(v.available for v in views):
+            return Route(RouteKind.FITS, self.settings.default_tier, 0.0)
+        return choose_route(
+            views,
+            remaining_s - _RESPONSE_RESERVE_S,
+            pinned=request.tier,
+            min_prompt_tokens=min_tokens,
+        )
+
+    async def _escalate(
+        self,
+        outcome: Outcome,
+        request: EvaluateRequest,
+        evidence: list[EvidenceItem],
+        deadline: float,
+        info: RouteInfo,
+    ) -> Outcome:
+        """Re-ask a more capable tier when the answer is unsure and the budget allows."""
+        confidence = confidence_of(outcome.answer.decision, outcome.generation.choice_probs)
+        if confidence >= self.settings.escalate_below:
+            return outcome
+        names = self.settings.ordered_tiers()
+        if outcome.tier.name not in names:
+            return outcome
+        prompt_tokens, _ = self._estimate_tokens(request, evidence)
+        for name in names[names.index(outcome.tier.name) + 1 :]:
+            stronger = self.pool.tiers[name]
+            if stronger.state != "loaded" or stronger.saturated:
+                continue
+            out = min(
+                stronger.settings.max_tokens,
+                _output_tokens(stronger.settings.rationale_chars, request.explain),
+            )
+            queue_s = stronger.pending * stronger.latency.typical_service_s()
+            predicted = stronger.latency.predict(
+                prompt_tokens, out, queue_s, quantile=self.settings.latency_quantile
+            )
+            if time.monotonic() + predicted > deadline - _RESPONSE_RESERVE_S:
+                continue
+            self.metrics.escalations.labels(outcome.tier.name, name).inc()
+            try:
+                better = await self._run(stronger, request, evidence, deadline, None)
+            except FailClosed:
+                return outcome  # the first answer stands; the stronger tier could not help
+            better.loops = outcome.loops + better.loops
+            info.escalated_from = outcome.tier.name
+            return better
+        return outcome
 
     def _fallback(self, tried: list[str]) -> Tier | None:
         """Another loaded tier after a loop: the next more capable one, else a weaker one."""
@@ -113,13 +233,19 @@ class Gatekeeper:
                 return tier
         return None
 
-    async def _run(self, tier: Tier, request: EvaluateRequest, deadline: float) -> Outcome:
-        evidence = self._evidence(request)
+    async def _run(
+        self,
+        tier: Tier,
+        request: EvaluateRequest,
+        evidence: list[EvidenceItem],
+        deadline: float,
+        max_prompt_tokens: int | None,
+    ) -> Outcome:
         loops: list[LoopReport] = []
         tried = [tier.name]
         while True:
             try:
-                outcome = await self._run_on(tier, request, evidence, deadline)
+                outcome = await self._run_on(tier, request, evidence, deadline, max_prompt_tokens)
             except LoopFailure as failure:
                 loops += failure.loops
                 other = self._fallback(tried)
@@ -141,7 +267,12 @@ class Gatekeeper:
             return outcome
 
     async def _run_on(
-        self, tier: Tier, request: EvaluateRequest, evidence: list[EvidenceItem], deadline: float
+        self,
+        tier: Tier,
+        request: EvaluateRequest,
+        evidence: list[EvidenceItem],
+        deadline: float,
+        max_prompt_tokens: int | None,
     ) -> Outcome:
         def job(queue_s: float) -> Outcome:
             return run_on_tier(
@@ -153,9 +284,13 @@ class Gatekeeper:
                 settings=self.settings,
                 choose=self._choose,
                 metrics=self.metrics,
+                max_prompt_tokens=max_prompt_tokens,
             )
 
-        self.metrics.queue_depth.labels(tier.name).set(tier.pending + 1)
+        # admission is counted before the first await, so that concurrent requests routed in
+        # the same loop iteration see each other
+        tier.pending += 1
+        self.metrics.queue_depth.labels(tier.name).set(tier.pending)
         try:
             return await asyncio.wait_for(
                 tier.run(job, deadline),
@@ -164,13 +299,16 @@ class Gatekeeper:
         except (TimeoutError, QueueWaitExceededError) as exc:
             raise FailClosed(DegradedReason.DEADLINE, "the latency budget ran out") from exc
         finally:
+            tier.pending -= 1
             self.metrics.queue_depth.labels(tier.name).set(tier.pending)
 
     def _count_loops(self, loops: list[LoopReport]) -> None:
         for loop in loops:
             self.metrics.loops.labels(loop.tier, loop.kind, loop.action).inc()
 
-    def _answer(self, request_id: str, outcome: Outcome, start: float) -> EvaluateResponse:
+    def _answer(
+        self, request_id: str, outcome: Outcome, start: float, budget_ms: int, info: RouteInfo
+    ) -> EvaluateResponse:
         answer, gen, tier = outcome.answer, outcome.generation, outcome.tier
         by_id = {item.id: item for item in outcome.built.evidence}
         confidence = confidence_of(answer.decision, gen.choice_probs)
@@ -191,15 +329,22 @@ class Gatekeeper:
             tier=tier.name,
             model=tier.model,
             trimmed=outcome.built.trimmed,
+            route=info,
             loops=outcome.loops,
             timing=timing,
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
         )
-        self._observe(tier.name, response)
+        self._observe(tier.name, response, budget_ms)
         return response
 
     def _fail_closed(
-        self, request_id: str, tier: Tier, fault: FailClosed, start: float
+        self,
+        request_id: str,
+        tier: Tier,
+        fault: FailClosed,
+        start: float,
+        budget_ms: int,
+        info: RouteInfo,
     ) -> EvaluateResponse:
         logger.warning(
             "fail-closed",
@@ -219,15 +364,18 @@ class Gatekeeper:
             model=tier.model,
             degraded=True,
             reason=fault.reason,
+            route=info,
             loops=fault.loops,
             timing=Timing(total_ms=(time.monotonic() - start) * 1000),
         )
         self.metrics.fail_closed.labels(tier.name, fault.reason.value).inc()
-        self._observe(tier.name, response)
+        self._observe(tier.name, response, budget_ms)
         return response
 
-    def _observe(self, tier: str, response: EvaluateResponse) -> None:
+    def _observe(self, tier: str, response: EvaluateResponse, budget_ms: int) -> None:
         m = self.metrics
+        if response.timing.total_ms > budget_ms:
+            m.budget_misses.labels(tier).inc()
         m.requests.labels(tier, response.decision.value, str(response.degraded).lower()).inc()
         t = response.timing
         for stage, ms in (

@@ -31,6 +31,8 @@ class DegradedReason(StrEnum):
     DEADLINE = "deadline"
     DOOM_LOOP = "doom_loop"
     INPUT_TOO_LONG = "input_too_long"
+    BUDGET_INFEASIBLE = "budget_infeasible"
+    OVERLOADED = "overloaded"
 
 
 class _Strict(BaseModel):
@@ -148,6 +150,18 @@ class LoopReport(BaseModel):
     action: LoopAction
 
 
+class RouteInfo(BaseModel):
+    """How the tier was chosen."""
+
+    kind: Literal["fits", "pinned", "routed_down", "shrunk", "infeasible", "overloaded"]
+    predicted_ms: float | None = Field(
+        default=None, description="Predicted latency on the chosen tier (high percentile)."
+    )
+    escalated_from: str | None = Field(
+        default=None, description="The tier whose low-confidence answer was re-asked."
+    )
+
+
 class EvaluateResponse(BaseModel):
     request_id: str
     decision: Decision
@@ -165,6 +179,7 @@ class EvaluateResponse(BaseModel):
     degraded: bool = False
     reason: DegradedReason | None = None
     trimmed: Trimmed | None = None
+    route: RouteInfo | None = None
     loops: list[LoopReport] = Field(
         default_factory=list, description="Loops detected while answering, and the recovery."
     )

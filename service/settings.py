@@ -84,6 +84,9 @@ class TierSettings(_Section):
         default="auto", description="'auto': the GGUF's own template; 'none': raw completion."
     )
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_queue: int = Field(
+        default=4, ge=1, le=1024, description="Requests waiting or running on the tier, at most."
+    )
 
 
 class Settings(BaseSettings):
@@ -113,6 +116,21 @@ class Settings(BaseSettings):
     )
     max_turn_chars: int = Field(
         default=1500, ge=64, description="Each history turn is cut to this many characters."
+    )
+    warmup: bool = Field(
+        default=True, description="Measure each tier's speed with one short generation at start."
+    )
+    latency_quantile: float = Field(
+        default=0.9, ge=0.5, le=0.999, description="Routing predicts latency at this quantile."
+    )
+    latency_window: int = Field(default=64, ge=4, le=10_000, description="Measurements kept.")
+    latency_max_age_s: float = Field(default=600.0, gt=0, description="Older ones are dropped.")
+    escalate_below: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Re-ask a more capable tier when confidence is below this and the budget "
+        "allows (0 turns it off).",
     )
     retry_once: bool = Field(
         default=True, description="Re-ask once after an invalid output or a loop."

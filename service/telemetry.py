@@ -36,6 +36,31 @@ class Metrics:
             ["tier", "kind", "action"],
             registry=r,
         )
+        self.predicted_seconds = Histogram(
+            "gatekeeper_predicted_seconds",
+            "Predicted latency of the chosen tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.budget_misses = Counter(
+            "gatekeeper_budget_misses",
+            "Answers later than their latency budget.",
+            ["tier"],
+            registry=r,
+        )
+        self.routes = Counter(
+            "gatekeeper_routes",
+            "Routing outcomes (fits, pinned, routed_down, shrunk, infeasible, overloaded).",
+            ["tier", "kind"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "gatekeeper_escalations",
+            "Low-confidence answers re-asked on a stronger tier.",
+            ["from_tier", "to_tier"],
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "gatekeeper_stage_seconds",
             "Time per pipeline stage.",

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from service.backends import create_backend
-from service.backends.base import Backend
+from service.backends.base import Backend, ChatMessage, Generation, GenerationRequest, Prompt
 from service.errors import GatekeeperError, UnknownTierError
+from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.prompt import SYSTEM_PROMPT
+from service.routing import LatencyModel
 from service.schemas import TierStatus
 from service.settings import Settings, TierSettings
 from service.telemetry import Metrics
@@ -40,10 +43,24 @@ class Tier:
     model: str | None = None
     state: TierState = "loading"
     detail: str | None = None
-    pending: int = 0
+    pending: int = 0  # admitted requests waiting or running; counted by the pipeline
+    latency: LatencyModel = field(default_factory=LatencyModel)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier")
     )
+
+    @property
+    def saturated(self) -> bool:
+        return self.pending >= self.settings.max_queue
+
+    def observe(self, generation: Generation) -> None:
+        self.latency.observe(
+            prompt_tokens=generation.prompt_tokens,
+            cached_tokens=generation.cached_tokens,
+            prefill_s=generation.prefill_s,
+            completion_tokens=generation.completion_tokens,
+            decode_s=generation.decode_s,
+        )
 
     async def run(self, fn: Callable[[float], T], deadline: float) -> T:
         """Run `fn(queue_wait_s)` on the tier's worker; give up waiting at `deadline`."""
@@ -55,13 +72,9 @@ class Tier:
                 raise QueueWaitExceededError()
             return fn(started - submitted)
 
-        self.pending += 1
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self.executor, job)
-            # shield: a cancelled caller must not orphan the running job's result silently
-            return await asyncio.shield(future)
-        finally:
-            self.pending -= 1
+        future = asyncio.get_running_loop().run_in_executor(self.executor, job)
+        # shield: a cancelled caller must not orphan the running job's result silently
+        return await asyncio.shield(future)
 
 
 class TierPool:
@@ -69,12 +82,16 @@ class TierPool:
         self._settings = settings
         self._metrics = metrics
         self.tiers: dict[str, Tier] = {
-            name: Tier(name, settings.tiers[name]) for name in settings.ordered_tiers()
+            name: Tier(name, settings.tiers[name], latency=self._latency_model())
+            for name in settings.ordered_tiers()
         }
         wanted = settings.load_tiers
         for name, tier in self.tiers.items():
             if wanted is not None and name not in wanted:
                 tier.state, tier.detail = "unavailable", "not in load_tiers"
+
+    def _latency_model(self) -> LatencyModel:
+        return LatencyModel(self._settings.latency_window, self._settings.latency_max_age_s)
 
     def get(self, name: str) -> Tier:
         tier = self.tiers.get(name)
@@ -87,7 +104,9 @@ class TierPool:
 
     def attach(self, name: str, backend: Backend) -> None:
         """Serve a tier from an already constructed backend (tests, embedding)."""
-        tier = self.tiers.get(name) or Tier(name, TierSettings(backend="fake"))
+        tier = self.tiers.get(name) or Tier(
+            name, TierSettings(backend="fake"), latency=self._latency_model()
+        )
         self.tiers[name] = tier
         tier.backend, tier.model, tier.state = backend, backend.model, "loading"
 
@@ -98,6 +117,8 @@ class TierPool:
                 tier.model = model
                 tier.backend = create_backend(model, path, tier.settings)
             tier.backend.load()
+            if self._settings.warmup:
+                self._warm_up(tier, tier.backend)
         except GatekeeperError as exc:
             missing = "not installed" in exc.message or "not found" in exc.message
             tier.state = "unavailable" if missing else "failed"
@@ -107,6 +128,21 @@ class TierPool:
         tier.state, tier.detail = "loaded", None
         self._metrics.model_loaded.labels(tier.name, tier.model or "").set(1)
         logger.info("tier %s loaded %s", tier.name, tier.model)
+
+    def _warm_up(self, tier: Tier, backend: Backend) -> None:
+        """One short generation, to seed the tier's latency model before the first request."""
+        prompt = Prompt(
+            (
+                ChatMessage("system", SYSTEM_PROMPT),
+                ChatMessage("user", "## Proposed action\nls -la"),
+            ),
+            RESPONSE_PREFIX,
+        )
+        constraint = build_constraint(AnswerShape((), (), 0, rationale_chars=80, revision_chars=40))
+        request = GenerationRequest(
+            prompt, constraint, max_tokens=24, deadline=time.monotonic() + 120
+        )
+        tier.observe(backend.generate(request))
 
     async def load_all(self) -> None:
         for tier in self.tiers.values():

@@ -25,6 +25,7 @@ def fake_settings(**overrides: Any) -> Settings:
         "models": {},
         "default_tier": "edge",
         "log_format": "text",
+        "warmup": False,
     }
     values.update(overrides)
     return Settings(**values)

@@ -74,6 +74,7 @@ class Generation:
     text: str  # the generated text, without the prompt's response prefix
     finish: Finish
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache, not evaluated again
     completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0

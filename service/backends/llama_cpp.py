@@ -198,6 +198,11 @@ class LlamaCppBackend:
         def past_deadline(_ids: Any, _logits: Any) -> bool:
             return time.monotonic() >= request.deadline
 
+        cached = 0
+        for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
+            if have != want:
+                break
+            cached += 1
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         pieces: list[str] = []
         finish = Finish.LENGTH
@@ -254,6 +259,7 @@ class LlamaCppBackend:
             text="".join(pieces),
             finish=finish,
             prompt_tokens=len(tokens),
+            cached_tokens=min(cached, len(tokens) - 1),
             completion_tokens=count,
             prefill_s=first - start,
             decode_s=end - first,

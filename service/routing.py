@@ -1,0 +1,168 @@
+"""Latency-budget routing, pure logic: a live latency model per tier and the choice of tier.
+
+Each tier keeps its recent prefill and decode speeds over a sliding window (a bounded count
+*and* a maximum age, so the estimate follows the machine's current load instead of keeping its
+first entries for an hour). A request's latency is predicted as
+
+    queue wait + uncached prompt tokens / prefill rate + output tokens / decode rate,
+
+at a high percentile of the observed speeds; the grammar bounds the output length."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class Observation:
+    at: float
+    prefill_tps: float  # evaluated (uncached) prompt tokens per second
+    decode_tps: float
+    miss_ratio: float  # share of the prompt that was not reused from the KV cache
+    service_s: float  # the whole generation, queue excluded
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class LatencyModel:
+    def __init__(self, window: int = 64, max_age_s: float = 600.0) -> None:
+        self._obs: deque[Observation] = deque(maxlen=window)
+        self._max_age_s = max_age_s
+
+    def observe(
+        self,
+        *,
+        prompt_tokens: int,
+        cached_tokens: int,
+        prefill_s: float,
+        completion_tokens: int,
+        decode_s: float,
+        now: float | None = None,
+    ) -> None:
+        evaluated = max(1, prompt_tokens - cached_tokens)
+        if prefill_s <= 0 or completion_tokens < 2 or decode_s <= 0:
+            return  # too short to say anything about speed
+        self._obs.append(
+            Observation(
+                at=time.monotonic() if now is None else now,
+                prefill_tps=evaluated / prefill_s,
+                decode_tps=(completion_tokens - 1) / decode_s,
+                miss_ratio=evaluated / max(prompt_tokens, 1),
+                service_s=prefill_s + decode_s,
+            )
+        )
+
+    def _recent(self, now: float | None) -> list[Observation]:
+        cutoff = (time.monotonic() if now is None else now) - self._max_age_s
+        recent = [o for o in self._obs if o.at >= cutoff]
+        # never forget everything: an idle tier keeps its last few measurements
+        return recent or list(self._obs)[-4:]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._obs)
+
+    def predict(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        queue_s: float = 0.0,
+        *,
+        quantile: float = 0.9,
+        now: float | None = None,
+    ) -> float:
+        """Seconds, at the given quantile of slowness. A tier never measured is assumed to
+        fit (0 s): the hard deadline still holds, and the first answer seeds the model."""
+        obs = self._recent(now)
+        if not obs:
+            return 0.0
+        prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
+        decode = _quantile([o.decode_tps for o in obs], 1 - quantile)
+        miss = _quantile([o.miss_ratio for o in obs], quantile)
+        return queue_s + prompt_tokens * miss / prefill + output_tokens / decode
+
+    def typical_service_s(self, now: float | None = None) -> float:
+        obs = self._recent(now)
+        return _quantile([o.service_s for o in obs], 0.5) if obs else 0.0
+
+    def prompt_tokens_within(
+        self, seconds: float, output_tokens: int, *, quantile: float = 0.9
+    ) -> int:
+        """The largest prompt that fits `seconds` (0 when even the output alone does not)."""
+        obs = self._recent(None)
+        if not obs:
+            return 1 << 30
+        prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
+        decode = _quantile([o.decode_tps for o in obs], 1 - quantile)
+        miss = _quantile([o.miss_ratio for o in obs], quantile)
+        spare = seconds - output_tokens / decode
+        return max(0, int(spare * prefill / max(miss, 1e-3)))
+
+
+class RouteKind(StrEnum):
+    FITS = "fits"  # the most capable tier that fits
+    PINNED = "pinned"
+    ROUTED_DOWN = "routed_down"  # a more capable tier fit but was saturated
+    SHRUNK = "shrunk"  # nothing fit: the fastest tier with a trimmed prompt
+    INFEASIBLE = "infeasible"
+    OVERLOADED = "overloaded"
+
+
+@dataclass(frozen=True)
+class TierView:
+    """What the router needs to know of one tier, weakest tiers first in a list."""
+
+    name: str
+    available: bool
+    saturated: bool
+    predict_s: float  # predicted latency of this request on it, queue wait included
+    max_prompt_tokens: int  # the largest prompt that would fit the remaining budget
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    tier: str | None
+    predicted_s: float
+    max_prompt_tokens: int | None = None  # set when the prompt must shrink to fit
+
+
+def choose_route(
+    tiers: list[TierView], remaining_s: float, *, pinned: str | None, min_prompt_tokens: int
+) -> Route:
+    """The most capable available tier whose predicted latency fits `remaining_s`."""
+    if pinned is not None:
+        view = next(t for t in tiers if t.name == pinned)
+        if view.saturated:
+            return Route(RouteKind.OVERLOADED, view.name, view.predict_s)
+        if view.predict_s <= remaining_s:
+            return Route(RouteKind.PINNED, view.name, view.predict_s)
+        if view.max_prompt_tokens >= min_prompt_tokens:
+            return Route(RouteKind.SHRUNK, view.name, remaining_s, view.max_prompt_tokens)
+        return Route(RouteKind.INFEASIBLE, view.name, view.predict_s)
+    available = [t for t in tiers if t.available]
+    fitting = [t for t in available if t.predict_s <= remaining_s]
+    open_fitting = [t for t in fitting if not t.saturated]
+    if open_fitting:
+        best = open_fitting[-1]
+        kind = RouteKind.FITS if best is fitting[-1] else RouteKind.ROUTED_DOWN
+        return Route(kind, best.name, best.predict_s)
+    if fitting:  # every tier that fits is saturated
+        return Route(RouteKind.OVERLOADED, fitting[-1].name, fitting[-1].predict_s)
+    shrinkable = [
+        t for t in available if not t.saturated and t.max_prompt_tokens >= min_prompt_tokens
+    ]
+    if shrinkable:
+        fastest = max(shrinkable, key=lambda t: t.max_prompt_tokens)
+        return Route(RouteKind.SHRUNK, fastest.name, remaining_s, fastest.max_prompt_tokens)
+    if available and all(t.saturated for t in available):
+        return Route(RouteKind.OVERLOADED, available[0].name, available[0].predict_s)
+    first = available[0] if available else (tiers[0] if tiers else None)
+    return Route(RouteKind.INFEASIBLE, first.name if first else None, math.inf)
