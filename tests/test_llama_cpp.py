@@ -129,3 +129,20 @@ def test_a_corrupt_gguf_fails_to_load_with_a_backend_error(
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(BackendError, match="cannot load"):
         LlamaCppBackend("bad", bad).load()
+
+
+def test_prefill_is_aborted_at_the_deadline_and_the_model_stays_usable() -> None:
+    backend = loaded(SMOL)
+    long_text = " ".join(f"w{i}" for i in range(400))  # ~1.5k tokens of prefill
+    prompt = _prompt(long_text)
+    backend._llm.reset()
+    started = time.monotonic()
+    late = backend.generate(GenerationRequest(prompt, build_constraint(SHAPE), 60, started + 0.05))
+    took = time.monotonic() - started
+    assert late.finish == Finish.DEADLINE and late.completion_tokens == 0
+    backend._llm.reset()
+    t0 = time.monotonic()
+    full = backend.generate(GenerationRequest(prompt, build_constraint(SHAPE), 60, time.monotonic() + 120))
+    full_prefill = time.monotonic() - t0
+    assert took < full_prefill / 2  # stopped inside prefill, not after it
+    assert full.finish in (Finish.STOP, Finish.LENGTH) and full.completion_tokens > 0

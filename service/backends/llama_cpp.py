@@ -70,6 +70,8 @@ class LlamaCppBackend:
         self._formatter: Any = None
         self._bos: list[int] = []
         self._choice_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
+        self._abort_at = float("inf")
+        self._abort_cb: Any = None
 
     @property
     def context_size(self) -> int:
@@ -96,7 +98,19 @@ class LlamaCppBackend:
                 add_generation_prompt=True,
             )
         self._bos = llm.tokenize(b"", add_bos=True, special=True)
+        # Prefill cannot be interrupted from Python between tokens: llama.cpp's abort callback
+        # stops it inside the graph at the deadline. It is installed only during prefill,
+        # because ggml calls it for every graph node.
+        self._abort_cb = llama_cpp.ggml_abort_callback(
+            lambda _data: time.monotonic() >= self._abort_at
+        )
         logger.info("loaded %s from %s (chat template: %s)", self.model, self._path, bool(template))
+
+    def _watch_prefill(self, deadline: float | None) -> None:
+        self._abort_at = deadline if deadline is not None else float("inf")
+        # a CFUNCTYPE built with no argument is the NULL pointer: no callback at all
+        callback = self._abort_cb if deadline is not None else llama_cpp.ggml_abort_callback()
+        llama_cpp.llama_set_abort_callback(self._llm._ctx.ctx, callback, None)
 
     def _piece(self, token: int) -> str:
         if token < 0:
@@ -210,6 +224,7 @@ class LlamaCppBackend:
         first_token_at: float | None = None
         count = 0
         try:
+            self._watch_prefill(request.deadline)
             llm.set_seed(request.seed)
             stream = llm.generate(
                 tokens,
@@ -230,6 +245,7 @@ class LlamaCppBackend:
                 for token in stream:
                     if first_token_at is None:
                         first_token_at = time.monotonic()
+                        self._watch_prefill(None)
                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                         finish = Finish.STOP
                         break
@@ -250,8 +266,12 @@ class LlamaCppBackend:
                     finish = Finish.DEADLINE
             finally:
                 stream.close()
+                self._watch_prefill(None)
         except (RuntimeError, ValueError, OSError) as exc:
-            raise BackendError(f"llama.cpp generation failed: {exc}") from exc
+            if time.monotonic() >= request.deadline:  # aborted in prefill at the deadline
+                finish = Finish.DEADLINE
+            else:
+                raise BackendError(f"llama.cpp generation failed: {exc}") from exc
         end = time.monotonic()
         first = first_token_at or end
         pieces.append(decoder.decode(b"", final=True))
