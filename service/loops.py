@@ -51,6 +51,12 @@ class LoopSettings:
     # "Yes." or "No." legitimately recur; sentences (and object values) shorter than this
     # are not counted.
     min_sentence_chars: int = 12
+    # Counting loops ("Step 1: Step 2: ...", "2018, 2019, 2020, ...", "- 1.\n- 2.\n"): the
+    # same block with only its number changing. Numbers are masked inside one string or prose
+    # stretch; ids in separate JSON strings (["rule-001", "rule-002"]) never meet. Six copies:
+    # a sentence may list five numbers ("steps 1, 2, 3, 4 and 5").
+    count_max_period: int = 48
+    count_repeats: int = 6
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -76,6 +82,7 @@ class LoopKind(StrEnum):
     PUNCTUATION_RUN = "punctuation_run"
     REPEATED_SENTENCE = "repeated_sentence"
     REPEATED_VALUE = "repeated_value"
+    COUNTING = "counting"
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,11 @@ class LoopDetector:
         self._sentence: list[str] = []
         self._dot_pending = False
         self._sentences: dict[str, int] = {}
+        # counting loops, over content characters with digit runs masked as "#"
+        self._masked: list[str] = []
+        self._raw: list[str] = []  # what each masked character stands for
+        self._count_runs = [0] * (self.settings.count_max_period + 1)
+        self._prev_digit = False
 
     def feed(self, token_id: int, text: str) -> LoopVerdict | None:
         """Feed one generated token (its id and its decoded text piece, which may be empty
@@ -234,10 +246,51 @@ class LoopDetector:
                 content = not self._stack and c not in '"{['
             verdict = self._lex(index, c)
             if verdict is None and content:
-                verdict = self._chunk(index, c)
+                verdict = self._chunk(index, c) or self._counting(index, c)
+            elif not content and self._masked:
+                self._masked.clear()
+                self._raw.clear()
+                self._prev_digit = False  # a string ended: ids in separate strings never meet
+                self._count_runs = [0] * (s.count_max_period + 1)
             if verdict is not None:
                 return verdict
         return None
+
+    def _counting(self, index: int, c: str) -> LoopVerdict | None:
+        masked, raw, runs = self._masked, self._raw, self._count_runs
+        if c.isdigit() and self._prev_digit and raw:
+            raw[-1] += c  # one "#" per number, so 9 -> 10 keeps the period
+            return None
+        self._prev_digit = c.isdigit()
+        m = "#" if self._prev_digit else c
+        s = self.settings
+        hit = 0
+        for p in range(2, min(len(masked), s.count_max_period) + 1):
+            if masked[-p] == m:
+                runs[p] += 1
+                # a number must change: an unchanged block is the periodic detector's
+                if (
+                    runs[p] >= p * (s.count_repeats - 1)
+                    and "#" in masked[-p:]
+                    and raw[-p:] != raw[-2 * p : -p]
+                ):
+                    hit = p
+                    break
+            else:
+                runs[p] = 0
+        masked.append(m)
+        raw.append(c)
+        if len(masked) > 2 * s.count_max_period:
+            del masked[: -s.count_max_period], raw[: -s.count_max_period]
+        if not hit:
+            return None
+        block = "".join(masked[-hit:])
+        return LoopVerdict(
+            LoopKind.COUNTING,
+            hit,
+            index,
+            f"block {_clip(block)!r} with a changing number x{s.count_repeats}",
+        )
 
     def _chunk(self, index: int, c: str) -> LoopVerdict | None:
         s = self.settings

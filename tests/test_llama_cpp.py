@@ -142,7 +142,9 @@ def test_prefill_is_aborted_at_the_deadline_and_the_model_stays_usable() -> None
     assert late.finish == Finish.DEADLINE and late.completion_tokens == 0
     backend._llm.reset()
     t0 = time.monotonic()
-    full = backend.generate(GenerationRequest(prompt, build_constraint(SHAPE), 60, time.monotonic() + 120))
+    full = backend.generate(
+        GenerationRequest(prompt, build_constraint(SHAPE), 60, time.monotonic() + 120)
+    )
     full_prefill = time.monotonic() - t0
     assert took < full_prefill / 2  # stopped inside prefill, not after it
     assert full.finish in (Finish.STOP, Finish.LENGTH) and full.completion_tokens > 0

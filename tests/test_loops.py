@@ -107,10 +107,12 @@ def test_periodic_needs_min_repeats_copies() -> None:
 
 def test_periodic_at_max_period() -> None:
     block = [(i, f"w{i} ") for i in range(8)]
-    verdict = run(block * 3, LoopSettings(max_period=8))
+    # the words are numbered: the counting detector, off here, would see "w# " repeating
+    no_count = {"count_repeats": 10**6}
+    verdict = run(block * 3, LoopSettings(max_period=8, **no_count))
     assert verdict is not None
     assert (verdict.kind, verdict.period, verdict.at_token) == (LoopKind.PERIODIC_TOKENS, 8, 23)
-    assert run(block * 3, LoopSettings(max_period=7)) is None
+    assert run(block * 3, LoopSettings(max_period=7, **no_count)) is None
 
 
 def test_repeated_chunk() -> None:
@@ -138,7 +140,15 @@ def test_repeated_chunk_inside_json_string() -> None:
 def test_repeated_chunk_must_be_close_together() -> None:
     # A stock phrase that recurs every ~300 characters is style, not a loop.
     phrase = "according to the policy on destructive commands, "
-    text = "".join(phrase + " ".join(f"w{i}x{j}" for j in range(50)) + " " for i in range(6))
+    text = "".join(
+        phrase
+        + " ".join(
+            "w" + "abcdefghij"[i] + "klmnopqrstuvwxyz"[j % 16] + "abcdefghij"[j // 16]
+            for j in range(50)
+        )
+        + " "
+        for i in range(6)
+    )
     assert scan(text, THREES) is None
     close = LoopSettings(chunk_window=10_000)
     verdict = scan(text, THREES, close)
@@ -406,6 +416,7 @@ def test_repeated_block_always_fires(
         min_repeats=min_repeats,
         min_loop_tokens=min_loop_tokens,
         chunk_repeats=10**6,
+        count_repeats=10**6,
     )
     period = len(block)
     copies = max(min_repeats, math.ceil(min_loop_tokens / period))
@@ -415,3 +426,21 @@ def test_repeated_block_always_fires(
     assert verdict.kind is LoopKind.PERIODIC_TOKENS
     assert min_loop_tokens - 1 <= verdict.at_token <= copies * period - 1
     assert 1 <= verdict.period <= period
+
+
+def test_counting_loops_fire_but_separate_ids_do_not() -> None:
+    # real SmolLM2-135M outputs: empty enumerations and runaway year lists
+    for text in ("- 1.\n- 2.\n- 3.\n- 4.\n- 5.\n- 6.\n- 7.\n- 8.\n- 9.\n- 10.\n",
+                 "Step 1:\n\nStep 2:\n\nStep 3:\n\nStep 4:\n\nStep 5:\n\nStep 6:\n\nStep 7:\n\n",
+                 "in 2018, 2019, 2020, 2021, 2022, 2023, 2024, 2025, 2026, 2027, 2028"):
+        verdict = scan(text, ".{1,3}")
+        assert verdict is not None and verdict.kind is LoopKind.COUNTING, text
+    ids = json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]})
+    assert scan(ids, ".{1,3}") is None
+    assert scan("Run steps 1, 2, 3, 4 and 5 in order, then stop.", ".{1,3}") is None
+
+
+def test_a_string_that_ends_on_a_digit_does_not_break_the_next() -> None:
+    text = json.dumps({"a": "version 12", "b": "7 days", "c": ["x1", "9"]})
+    assert scan(text, ".{1,3}") is None
+    assert scan(text, ".") is None
