@@ -128,6 +128,14 @@ class Gatekeeper:
                 outcome = await self._escalate(outcome, request, evidence, deadline, info)
         except FailClosed as fault:
             return self._fail_closed(request_id, tier, fault, start, budget_ms, info)
+        except Exception as exc:  # our own bug: still an answer, and never "allow"
+            logger.exception(
+                "unexpected error on the decision path", extra={"request_id": request_id}
+            )
+            bug = FailClosed(
+                DegradedReason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
+            )
+            return self._fail_closed(request_id, tier, bug, start, budget_ms, info)
         return self._answer(request_id, outcome, start, budget_ms, info)
 
     def _estimate_tokens(

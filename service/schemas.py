@@ -33,6 +33,7 @@ class DegradedReason(StrEnum):
     INPUT_TOO_LONG = "input_too_long"
     BUDGET_INFEASIBLE = "budget_infeasible"
     OVERLOADED = "overloaded"
+    INTERNAL_ERROR = "internal_error"
 
 
 class _Strict(BaseModel):

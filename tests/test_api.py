@@ -294,3 +294,18 @@ async def test_history_far_over_the_context_is_trimmed_and_reported() -> None:
     assert body["trimmed"]["history_turns"] > 30
     user = backend.requests[0].prompt.messages[1].content
     assert "[40] user: turn 39" in user and "[1] user: turn 0 " not in user
+
+
+class _BuggyBackend(FakeBackend):
+    def generate(self, request, on_token=None):  # type: ignore[no-untyped-def]
+        raise KeyError("a bug, not an engine error")
+
+
+async def test_an_unexpected_bug_on_the_decision_path_still_fails_closed() -> None:
+    async with fake_app({"edge": _BuggyBackend(scripts=[Script(answer())])}) as client:
+        response = await client.post("/evaluate", json=sample_request())
+        after = await client.get("/healthz")
+    body = response.json()
+    assert response.status_code == 200
+    assert body["decision"] == "escalate" and body["reason"] == "internal_error"
+    assert after.status_code == 200

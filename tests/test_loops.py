@@ -430,9 +430,11 @@ def test_repeated_block_always_fires(
 
 def test_counting_loops_fire_but_separate_ids_do_not() -> None:
     # real SmolLM2-135M outputs: empty enumerations and runaway year lists
-    for text in ("- 1.\n- 2.\n- 3.\n- 4.\n- 5.\n- 6.\n- 7.\n- 8.\n- 9.\n- 10.\n",
-                 "Step 1:\n\nStep 2:\n\nStep 3:\n\nStep 4:\n\nStep 5:\n\nStep 6:\n\nStep 7:\n\n",
-                 "in 2018, 2019, 2020, 2021, 2022, 2023, 2024, 2025, 2026, 2027, 2028"):
+    for text in (
+        "- 1.\n- 2.\n- 3.\n- 4.\n- 5.\n- 6.\n- 7.\n- 8.\n- 9.\n- 10.\n",
+        "Step 1:\n\nStep 2:\n\nStep 3:\n\nStep 4:\n\nStep 5:\n\nStep 6:\n\nStep 7:\n\n",
+        "in 2018, 2019, 2020, 2021, 2022, 2023, 2024, 2025, 2026, 2027, 2028",
+    ):
         verdict = scan(text, ".{1,3}")
         assert verdict is not None and verdict.kind is LoopKind.COUNTING, text
     ids = json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]})
