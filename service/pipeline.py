@@ -52,12 +52,17 @@ def normalised(probs: dict[str, float]) -> dict[str, float]:
 
 
 def decision_policy(allow_threshold: float) -> ChoicePolicy:
-    """The likeliest decision, except that an uncertain 'allow' goes to a human."""
+    """A threshold on P(allow), as Llama Guard thresholds P(unsafe): 'allow' exactly when
+    P(allow) >= allow_threshold; otherwise the likeliest other decision, except that an
+    'allow' that was likeliest but not likely enough goes to a human."""
 
     def choose(probs: dict[str, float]) -> str:
         p = normalised(probs)
+        allow = Decision.ALLOW.value
+        if p.get(allow, 0.0) >= allow_threshold and allow in p:
+            return allow
         best = max(p, key=p.__getitem__)
-        if best == Decision.ALLOW and p[best] < allow_threshold:
+        if best == allow:
             return Decision.ESCALATE.value
         return best
 
@@ -80,7 +85,15 @@ class Gatekeeper:
         self.pool = pool
         self.policies = policies
         self.metrics = metrics
-        self._choose = decision_policy(settings.allow_threshold)
+        self._choose = {
+            name: decision_policy(
+                tier.allow_threshold
+                if tier.allow_threshold is not None
+                else settings.allow_threshold
+            )
+            for name, tier in settings.tiers.items()
+        }
+        self._default_choose = decision_policy(settings.allow_threshold)
 
     def validate(self, request: EvaluateRequest) -> None:
         """Client errors (4xx) are raised here, before any work is queued."""
@@ -89,13 +102,21 @@ class Gatekeeper:
             self.policies.get(request.policy)
 
     def _evidence(self, request: EvaluateRequest) -> list[EvidenceItem]:
+        """Supplied items first; then, when the request brings none or names a policy, the
+        pack's rules: a small pack whole, in its own order, so that its tokens form a prefix
+        that llama.cpp's KV cache shares across requests; a larger one through retrieval,
+        the rules most relevant to this action and history first, up to the caps."""
         supplied = list(request.evidence or [])
+        cap = self.settings.max_prompt_evidence
         if request.policy is None and request.evidence is not None:
-            return supplied[: self.settings.max_prompt_evidence]
+            return supplied[:cap]
         pack = self.policies.get(request.policy or DEFAULT_PACK)
         taken = {item.id for item in supplied}
-        merged = supplied + [item for item in pack.items if item.id not in taken]
-        return merged[: self.settings.max_prompt_evidence]
+        room = max(0, min(self.settings.retrieval_top_k, cap - len(supplied)))
+        rest = [item for item in pack.items if item.id not in taken]
+        if len(rest) > min(room, self.settings.whole_pack_max_items):
+            rest = [i for i in pack.retrieve(request, len(pack.items)) if i.id not in taken]
+        return (supplied + rest[:room])[:cap]
 
     async def evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
         start = time.monotonic()
@@ -290,7 +311,7 @@ class Gatekeeper:
                 deadline,
                 queue_s,
                 settings=self.settings,
-                choose=self._choose,
+                choose=self._choose.get(tier.name, self._default_choose),
                 metrics=self.metrics,
                 max_prompt_tokens=max_prompt_tokens,
             )

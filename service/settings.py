@@ -84,6 +84,13 @@ class TierSettings(_Section):
         default="auto", description="'auto': the GGUF's own template; 'none': raw completion."
     )
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    allow_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="This tier's least P(allow) for an allow (None: the global "
+        "allow_threshold); tuned per model on the tuning part of the development data.",
+    )
     max_queue: int = Field(
         default=4, ge=1, le=1024, description="Requests waiting or running on the tier, at most."
     )
@@ -112,7 +119,22 @@ class Settings(BaseSettings):
     default_latency_budget_ms: int = Field(default=30_000, ge=1, le=600_000)
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger bodies get 413.")
     max_prompt_evidence: int = Field(
-        default=12, ge=1, le=256, description="Evidence items placed in one prompt, at most."
+        default=16, ge=1, le=256, description="Evidence items placed in one prompt, at most."
+    )
+    retrieval_top_k: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Policy-pack rules placed in one prompt, at most; supplied evidence "
+        "comes first and counts against max_prompt_evidence.",
+    )
+    whole_pack_max_items: int = Field(
+        default=16,
+        ge=0,
+        le=256,
+        description="A pack of at most this many rules (that also fits the caps) goes into "
+        "the prompt whole, in its own order, as a prefix the KV cache reuses; a larger one "
+        "is ranked by BM25 retrieval against the action and history and cut to the caps.",
     )
     max_turn_chars: int = Field(
         default=1500, ge=64, description="Each history turn is cut to this many characters."

@@ -63,12 +63,16 @@ def test_oldest_turns_go_first_then_last_evidence() -> None:
         request, evidence, count_tokens=words, max_prompt_tokens=100_000, max_turn_chars=500
     )
     assert full.trimmed is None
+    fixed = next(n for n in range(0, 2000, 5) if _fits(request, n))
     some = build_prompt(
-        request, evidence, count_tokens=words, max_prompt_tokens=450, max_turn_chars=500
+        request,
+        evidence,
+        count_tokens=words,
+        max_prompt_tokens=fixed + 5 * 32 + 150,
+        max_turn_chars=500,
     )
     assert some.trimmed is not None and some.trimmed.history_turns > 0
     assert some.history_ids[-1] == 10 and len(some.evidence) == 5
-    fixed = next(n for n in range(0, 2000, 5) if _fits(request, n))
     tight = build_prompt(
         request,
         evidence,

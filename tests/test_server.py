@@ -70,7 +70,7 @@ async def test_qwen_edge_server_answers_the_readme_example() -> None:
             answer = await client.evaluate(body)
         _check_decision(
             answer.model_dump(mode="json"),
-            {e["id"] for e in body.get("evidence", [])} or {f"GK-{i:02d}" for i in range(1, 13)},
+            {e["id"] for e in body.get("evidence", [])} or {f"GK-{i:02d}" for i in range(1, 15)},
         )
         assert answer.tier == "edge" and answer.model == "qwen2.5-coder-0.5b-instruct-q4_k_m"
         assert answer.decision != "allow"  # deleting a home folder is not allowed

@@ -69,7 +69,11 @@ class FakeBackend:
         if script.error:
             raise BackendError(script.error)
         prefill = time.monotonic() - start
-        pieces = [script.text[i : i + 4] for i in range(0, len(script.text), 4)]
+        text = script.text
+        if script.choice_probs and request.choose is not None and '"' in text:
+            # like a real engine that reads logits: the policy's choice is forced
+            text = request.choose(script.choice_probs) + text[text.index('"') :]
+        pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
         out: list[str] = []
         finish = Finish.STOP
         for index, piece in enumerate(pieces):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import ConfigurationError, UnknownPolicyError
-from service.schemas import ID_PATTERN, EvidenceItem, RuleEvidence, TripleEvidence
+from service.evidence.retrieval import PackRetriever, query_text
+from service.schemas import (
+    ID_PATTERN,
+    EvaluateRequest,
+    EvidenceItem,
+    RuleEvidence,
+    TripleEvidence,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +37,10 @@ class PackItem(BaseModel):
     predicate: str | None = None
     object: str | None = None
     source: str | None = None
+    # retrieval and evaluation metadata; never shown to the model as evidence
+    keywords: str = ""
+    failure_modes: list[str] = Field(default_factory=list)
+    risk_types: list[str] = Field(default_factory=list)
 
     def to_evidence(self, pack: str) -> EvidenceItem:
         source = self.source or f"policy:{pack}"
@@ -58,6 +70,25 @@ class PolicyPack:
     name: str
     version: str
     items: tuple[EvidenceItem, ...]
+    meta: tuple[PackItem, ...] = field(default=(), compare=False, repr=False)
+
+    @cached_property
+    def retriever(self) -> PackRetriever:
+        """Built on first use: a pack nobody retrieves from costs nothing."""
+        return PackRetriever(self.items, [m.keywords for m in self.meta])
+
+    def retrieve(self, request: EvaluateRequest, k: int) -> list[EvidenceItem]:
+        """The `k` items most relevant to this request, most relevant first."""
+        return self.retriever.rank(query_text(request), k)
+
+    def tagged(self, *, failure_mode: str | None, risk_type: str | None) -> set[str]:
+        """Ids of the items tagged with this failure mode or risk type."""
+        return {
+            m.id
+            for m in self.meta
+            if (failure_mode and failure_mode in m.failure_modes)
+            or (risk_type and risk_type in m.risk_types)
+        }
 
 
 def _parse(raw: Any, origin: str) -> PolicyPack:
@@ -69,7 +100,7 @@ def _parse(raw: Any, origin: str) -> PolicyPack:
     ids = [i.id for i in items]
     if len(set(ids)) != len(ids):
         raise ConfigurationError(f"policy pack {origin} repeats an item id")
-    return PolicyPack(name=pack.name, version=pack.version, items=items)
+    return PolicyPack(name=pack.name, version=pack.version, items=items, meta=tuple(pack.items))
 
 
 class PolicyLibrary:
