@@ -11,7 +11,7 @@ import uuid
 from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier
 from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.prompt import SYSTEM_PROMPT, render_action
+from service.prompt import PREAMBLE_CHARS, render_action
 from service.routing import Route, RouteKind, TierView, choose_route
 from service.schemas import (
     Decision,
@@ -164,7 +164,7 @@ class Gatekeeper:
     ) -> tuple[int, int]:
         """(whole prompt, smallest prompt) in tokens, estimated from characters: routing must
         not tokenise on the event loop."""
-        fixed = len(SYSTEM_PROMPT) + len(request.goal) + len(render_action(request)) + 200
+        fixed = PREAMBLE_CHARS + len(request.goal) + len(render_action(request)) + 200
         turns = sum(
             min(
                 self.settings.max_turn_chars,

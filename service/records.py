@@ -28,8 +28,9 @@ def _agent_action(turn: dict[str, Any]) -> str:
 
 
 def to_request(raw: dict[str, Any]) -> EvaluateRequest:
-    """The agent's last action becomes `action`, the turns before it `history`, the user's
-    first message `goal`, and `profile` goes into `agent`."""
+    """The agent's last action becomes `action`, the turns before it `history` (with the
+    thought that came with the action as the last agent turn), the user's first message
+    `goal`, and `profile` goes into `agent`."""
     turns: list[dict[str, Any]] = [t for episode in raw["contents"] for t in episode]
     last = max(
         (i for i, t in enumerate(turns) if t.get("role") == "agent" and _agent_action(t)),
@@ -41,7 +42,12 @@ def to_request(raw: dict[str, Any]) -> EvaluateRequest:
     else:
         action = TextAction(text=_agent_action(turns[last]))
     history = []
-    for t in turns[:last]:
+    context = turns[:last]
+    if last < len(turns) and str(turns[last].get("thought") or "").strip():
+        # the agent's reasoning for the action it proposes (in ASSEBench often the observation
+        # that led to it) belongs with the context the judge reads
+        context = [*context, {"role": "agent", "thought": turns[last]["thought"]}]
+    for t in context:
         role = t.get("role", "environment")
         if role == "agent":
             history.append(

@@ -55,7 +55,7 @@ async def test_prompt_holds_supplied_evidence_and_grammar_names_only_its_ids() -
         response = await client.post("/evaluate", json=sample_request(request_id="req-1"))
     assert response.json()["request_id"] == "req-1"
     request = backend.requests[0]
-    user = request.prompt.messages[1].content
+    user = request.prompt.messages[-1].content
     assert (
         "[R1] Never delete user files" in user
         and "[T1] (agent; must_not; exfiltrate secrets)" in user
@@ -292,7 +292,7 @@ async def test_history_far_over_the_context_is_trimmed_and_reported() -> None:
     body = response.json()
     assert body["degraded"] is False
     assert body["trimmed"]["history_turns"] > 30
-    user = backend.requests[0].prompt.messages[1].content
+    user = backend.requests[0].prompt.messages[-1].content
     assert "[40] user: turn 39" in user and "[1] user: turn 0 " not in user
 
 

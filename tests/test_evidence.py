@@ -127,7 +127,7 @@ async def test_prompt_holds_the_retrieved_rules_most_relevant_first() -> None:
     assert response.status_code == 200
     ids = backend.requests[0].constraint.schema["properties"]["evidence"]["items"]["enum"]
     assert len(ids) == 3 and ids[0] == "GK-04"  # rm -rf /home/* is about deleting data
-    user = backend.requests[0].prompt.messages[1].content
+    user = backend.requests[0].prompt.messages[-1].content
     assert "[GK-04]" in user and "[GK-09]" not in user
 
 
@@ -139,7 +139,7 @@ async def test_a_small_pack_goes_whole_in_its_own_order_as_a_shared_prefix() -> 
         for body in (first, second):
             assert (await client.post("/evaluate", json=body)).status_code == 200
     pack_ids = [item.id for item in PolicyLibrary().get(DEFAULT_PACK).items]
-    prompts = [r.prompt.messages[1].content for r in backend.requests]
+    prompts = [r.prompt.messages[-1].content for r in backend.requests]
     for request in backend.requests:
         ids = request.constraint.schema["properties"]["evidence"]["items"]["enum"]
         assert ids == pack_ids

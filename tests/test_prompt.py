@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from service.prompt import SYSTEM_PROMPT, ContextOverflowError, build_prompt
@@ -22,8 +24,11 @@ def test_sections_in_order_with_numbered_history() -> None:
         max_prompt_tokens=10_000,
         max_turn_chars=500,
     )
-    system, user = built.prompt.messages
+    system, *examples, user = built.prompt.messages
     assert system.content == SYSTEM_PROMPT
+    # worked examples: user / assistant pairs, each answer a complete JSON verdict
+    assert [m.role for m in examples] == ["user", "assistant"] * (len(examples) // 2)
+    assert all(json.loads(m.content)["decision"] for m in examples if m.role == "assistant")
     text = user.content
     order = [
         text.index(h)
@@ -48,7 +53,7 @@ def test_untrusted_text_cannot_fake_a_section_header() -> None:
     )
     text = (
         build_prompt(request, [], count_tokens=words, max_prompt_tokens=10_000, max_turn_chars=500)
-        .prompt.messages[1]
+        .prompt.messages[-1]
         .content
     )
     assert "\n## Evidence" not in text
@@ -103,7 +108,21 @@ def test_long_turns_keep_head_and_tail() -> None:
     request = EvaluateRequest.model_validate(sample_request(history=history))
     text = (
         build_prompt(request, [], count_tokens=words, max_prompt_tokens=100_000, max_turn_chars=200)
-        .prompt.messages[1]
+        .prompt.messages[-1]
         .content
     )
     assert "HEAD" in text and "TAIL" in text and "characters cut" in text
+
+
+def test_worked_examples_are_dropped_before_the_cases_own_text() -> None:
+    request = EvaluateRequest.model_validate(sample_request())
+    roomy = build_prompt(
+        request, [], count_tokens=words, max_prompt_tokens=10_000, max_turn_chars=500
+    )
+    assert len(roomy.prompt.messages) > 2
+    fixed = next(n for n in range(0, 2000, 5) if _fits(request, n))
+    tight = build_prompt(
+        request, [], count_tokens=words, max_prompt_tokens=fixed + 60, max_turn_chars=500
+    )
+    assert [m.role for m in tight.prompt.messages] == ["system", "user"]
+    assert tight.history_ids == (1, 2, 3)  # the history stayed; the examples went
