@@ -236,6 +236,8 @@ async def main() -> None:
     print_categories(results)
     if args.sweep:
         for name, cases in runs.items():
+            if all(c.p_unsafe is None for c in cases):
+                continue  # a run without probabilities has nothing to sweep
             print(f"\nallow-threshold sweep, {name}")
             for row in threshold_sweep(cases, [x / 20 for x in range(1, 20)]):
                 print(
