@@ -48,8 +48,15 @@ class DecisionService:
                 await self.log.append(
                     DecisionRecord.of(request, response, api_key_id, redact=self.redact)
                 )
+            self._observe(request, response)
             self._log(request, response, api_key_id)
         return response
+
+    def _observe(self, request: EvaluateRequest, response: EvaluateResponse) -> None:
+        budget_ms = request.latency_budget_ms or self.gatekeeper.settings.default_latency_budget_ms
+        self.gatekeeper.metrics.budget_used.labels(response.tier or "").observe(
+            response.timing.total_ms / budget_ms
+        )
 
     def _log(
         self, request: EvaluateRequest, response: EvaluateResponse, api_key_id: str | None
