@@ -55,6 +55,11 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     /opt/gatekeeper/venv/bin/pip install --no-deps --no-compile /src \
  && /opt/gatekeeper/venv/bin/python -c "import llama_cpp, service.app"
 
+# ---- venv: what the runtime needs of it (pip and setuptools are build tools) ----------------
+FROM build AS venv
+RUN /opt/gatekeeper/venv/bin/pip uninstall --yes --quiet pip setuptools \
+ && (find /opt/gatekeeper/venv -name '*.so*' -type f -exec strip --strip-unneeded {} + || true)
+
 # ---- model: the GGUF assembled from the parts and checked by sha256 -------------------------
 FROM build AS model
 ARG EMBEDDED_MODEL=qwen2.5-coder-0.5b-instruct-q4_k_m
@@ -69,10 +74,11 @@ FROM ${BASE_IMAGE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --home-dir /var/lib/gatekeeper gatekeeper \
+ && groupadd --system --gid 10001 gatekeeper \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/gatekeeper gatekeeper \
  && mkdir -p /var/lib/gatekeeper /models \
  && chown gatekeeper:gatekeeper /var/lib/gatekeeper
-COPY --from=build /opt/gatekeeper/venv /opt/gatekeeper/venv
+COPY --from=venv /opt/gatekeeper/venv /opt/gatekeeper/venv
 COPY --from=model /opt/gatekeeper/models /opt/gatekeeper/models
 COPY models/tiers.toml /etc/gatekeeper/tiers.toml
 ENV PATH=/opt/gatekeeper/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \

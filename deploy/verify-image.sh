@@ -41,7 +41,24 @@ else
   log "debootstrap bookworm (minbase) from $MIRROR"
   debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
     || { tail -20 "$WORK/debootstrap.log"; die "debootstrap"; }
-  rm -rf "$WORK"/rootfs/var/lib/apt/lists/* "$WORK"/rootfs/var/cache/apt/*.bin
+  # what the official -slim images leave out: docs, man pages, locales, apt's caches
+  cat >"$WORK/rootfs/etc/dpkg/dpkg.cfg.d/docker-slim" <<'CFG'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/linda/*
+CFG
+  find "$WORK/rootfs/usr/share/doc" -mindepth 2 -not -name copyright -not -type d -delete
+  rm -rf "$WORK"/rootfs/usr/share/{man,groff,info,lintian,linda}/* \
+    "$WORK"/rootfs/var/lib/apt/lists/* "$WORK"/rootfs/var/cache/apt/archives/*.deb \
+    "$WORK"/rootfs/var/cache/apt/*.bin "$WORK"/rootfs/var/log/*.log
+  find "$WORK/rootfs/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias \
+    -exec rm -rf {} +
   tar -C "$WORK/rootfs" -c . | podman import --change 'CMD ["bash"]' - "$BASE" >/dev/null
   rm -rf "$WORK/rootfs"
   log "base $BASE imported ($(podman image inspect "$BASE" --format '{{.Size}}') bytes)"
@@ -50,16 +67,21 @@ fi
 # ---- 2. the build ------------------------------------------------------------------------
 secret=()
 [ -s "$CA_BUNDLE" ] && secret=(--secret "id=ca_bundle,src=$CA_BUNDLE")
-log "podman build $IMAGE (log: $WORK/build.log)"
-build_start=$(date +%s)
-podman build --isolation chroot --format docker --pull=never "${secret[@]}" \
-  -t "$IMAGE" -f Dockerfile . >"$WORK/build.log" 2>&1 \
-  || { tail -40 "$WORK/build.log"; die "podman build"; }
+if [ -n "${SKIP_BUILD:-}" ]; then
+  log "SKIP_BUILD: serving the existing $IMAGE"
+else
+  log "podman build $IMAGE (log: $WORK/build.log)"
+  build_start=$(date +%s)
+  podman build --isolation chroot --format docker --pull=never "${secret[@]}" \
+    -t "$IMAGE" -f Dockerfile . >"$WORK/build.log" 2>&1 \
+    || { tail -40 "$WORK/build.log"; die "podman build"; }
+  log "built in $(($(date +%s) - build_start)) s"
+fi
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
-log "built in $(($(date +%s) - build_start)) s; image size $size bytes ($((size / 1000000)) MB)"
+log "image size $size bytes ($((size / 1000000)) MB uncompressed)"
 
 # ---- 3. serve from the mounted image -----------------------------------------------------
-config=$(podman image inspect "$IMAGE" --format '{{json .Config}}')
+config=$(podman image inspect "$IMAGE" --format '{{json .}}')
 ctr=$(podman create "$IMAGE")
 mnt=$(podman mount "$ctr")
 cleanup() {
@@ -77,14 +99,16 @@ mount --bind /dev "$mnt/dev"
 # The image's own Env, User, WorkingDir, Entrypoint + Cmd and Healthcheck, as a runtime would.
 python3 - "$config" "$PORT" >"$WORK/run.env" <<'PY'
 import json, shlex, sys
-c = json.loads(sys.argv[1])
+image = json.loads(sys.argv[1])
+image = image[0] if isinstance(image, list) else image
+c = image["Config"]
 env = [e for e in c.get("Env") or [] if not e.startswith("GATEKEEPER_PORT=")]
 env.append(f"GATEKEEPER_PORT={sys.argv[2]}")
 print("ENV=(" + " ".join(shlex.quote(e) for e in env) + ")")
 print("USER_SPEC=" + shlex.quote(c.get("User") or "0"))
 print("WORKDIR=" + shlex.quote(c.get("WorkingDir") or "/"))
 print("CMD=(" + " ".join(shlex.quote(a) for a in (c.get("Entrypoint") or []) + (c.get("Cmd") or [])) + ")")
-test = (c.get("Healthcheck") or {}).get("Test") or []
+test = (image.get("Healthcheck") or image.get("HealthCheck") or c.get("Healthcheck") or {}).get("Test") or []
 print("HEALTH=(" + " ".join(shlex.quote(a) for a in test[1:]) + ")")
 print("HEALTH_KIND=" + shlex.quote(test[0] if test else "NONE"))
 PY
@@ -95,11 +119,12 @@ uid=$(chroot "$mnt" id -u "$USER_SPEC"); gid=$(chroot "$mnt" id -g "$USER_SPEC")
 [ "$uid" != 0 ] || die "the image runs as root"
 log "image user $USER_SPEC ($uid:$gid), command: ${CMD[*]}"
 
-in_image() {  # run a command as the image's user, with the image's environment
-  chroot --userspec="$uid:$gid" "$mnt" /usr/bin/env -i "${ENV[@]}" HOME="$WORKDIR" \
+exec_in_image() {  # become a command run as the image's user, with the image's environment
+  exec chroot --userspec="$uid:$gid" "$mnt" /usr/bin/env -i "${ENV[@]}" HOME="$WORKDIR" \
     sh -c 'cd "$0" && exec "$@"' "$WORKDIR" "$@"
 }
-export -f in_image
+in_image() { (exec_in_image "$@"); }
+export -f exec_in_image in_image
 export mnt uid gid WORKDIR
 ENV_DECL=$(declare -p ENV); CMD_DECL=$(declare -p CMD); HEALTH_DECL=$(declare -p HEALTH)
 export ENV_DECL CMD_DECL HEALTH_DECL HEALTH_KIND PORT WORK
@@ -110,7 +135,7 @@ eval "$ENV_DECL"; eval "$CMD_DECL"; eval "$HEALTH_DECL"
 ip link set lo up
 url="http://127.0.0.1:$PORT"
 serve_start=$(date +%s)
-in_image "${CMD[@]}" >"$WORK/serve.log" 2>&1 &
+exec_in_image "${CMD[@]}" >"$WORK/serve.log" 2>&1 &  # $! is the server itself
 pid=$!
 for _ in $(seq 1 600); do
   curl -fsS "$url/readyz" >"$WORK/readyz.json" 2>/dev/null && break
