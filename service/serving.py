@@ -62,6 +62,7 @@ class DecisionService:
         self, request: EvaluateRequest, response: EvaluateResponse, api_key_id: str | None
     ) -> None:
         extra: dict[str, object] = {
+            "request_id": response.request_id,
             "decision": response.decision.value,
             "tier": response.tier,
             "degraded": response.degraded,
