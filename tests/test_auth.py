@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,29 @@ def test_keys_are_matched_by_hash_and_nothing_else_passes() -> None:
     for wrong in (None, "", TOKEN_A[:-1], TOKEN_A + "x", token_sha256(TOKEN_A), " " + TOKEN_A):
         with pytest.raises(AuthenticationError):
             auth.authorize(wrong)
+
+
+def test_every_key_is_compared_in_constant_time_whatever_the_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # no early exit: a right key, a wrong key and no key all cost one constant-time comparison
+    # per configured key, so the time says nothing about which key (or prefix) was close
+    import hmac
+
+    calls: list[int] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(len(a))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    auth = Authenticator(_auth())
+    for token in (TOKEN_A, "gk_b", "gk_wrong", None):
+        calls.clear()
+        with contextlib.suppress(AuthenticationError):
+            auth.authorize(token)
+        assert calls == [64, 64], token  # both keys, always sha256 hex digests
 
 
 def test_settings_refuse_a_key_that_is_not_a_sha256() -> None:
