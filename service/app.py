@@ -14,9 +14,13 @@ from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.limits import BodySizeLimit
 from service.api.routes import router
+from service.audit import DecisionLog
+from service.auth import Authenticator
 from service.backends.base import Backend
+from service.drain import Drain
 from service.evidence import PolicyLibrary
 from service.pipeline import Gatekeeper
+from service.serving import DecisionService
 from service.settings import Settings, load_settings
 from service.telemetry import Metrics
 from service.tiers import TierPool
@@ -40,6 +44,13 @@ def create_app(
         app.state.gatekeeper = Gatekeeper(
             settings, pool, PolicyLibrary(settings.policy_dirs), metrics
         )
+        drain: Drain = app.state.drain
+        drain.bind(asyncio.get_running_loop())
+        log = DecisionLog(settings.audit.path) if settings.audit.enabled else None
+        app.state.auth = Authenticator(settings.auth)
+        app.state.decisions = DecisionService(
+            app.state.gatekeeper, log, drain, redact=settings.audit.redact
+        )
         loading = asyncio.create_task(pool.load_all())
         try:
             yield
@@ -47,6 +58,8 @@ def create_app(
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await asyncio.to_thread(pool.close)
+            if log is not None:
+                await asyncio.to_thread(log.close)  # every append is in; fold the WAL
 
     app = FastAPI(
         title="Gatekeeper",
@@ -56,6 +69,8 @@ def create_app(
         "grounded in cited evidence, and failing closed.",
         lifespan=lifespan,
     )
+    # made here, not in the lifespan, so that the server's SIGTERM handler can reach it
+    app.state.drain = Drain(settings.shutdown_grace_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(router)

@@ -1,4 +1,4 @@
-"""The `gatekeeper` command: serve, evaluate, models, openapi."""
+"""The `gatekeeper` command: serve, evaluate, models, audit, keys, openapi."""
 
 from __future__ import annotations
 
@@ -9,27 +9,19 @@ import sys
 from pathlib import Path
 
 from service.errors import GatekeeperError
+from service.ops_commands import add_ops_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
     from service.logs import configure_logging
+    from service.server import serve
     from service.settings import load_settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = load_settings(args.config, **overrides)
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
+    return serve(create_app(settings), settings)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -117,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("action", choices=["install", "verify"])
     models.add_argument("names", nargs="*", help="catalogue names (default: every tier's model)")
     models.set_defaults(func=_models)
+
+    add_ops_commands(sub)  # audit, keys
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("-o", "--output", default="-")

@@ -14,6 +14,10 @@ class GatekeeperError(Exception):
         self.message = message
         self.param = param
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error response carries (WWW-Authenticate, Retry-After)."""
+        return {}
+
 
 class BadRequestError(GatekeeperError):
     status_code = 400
@@ -57,3 +61,35 @@ class BackendError(GatekeeperError):
 
 class BackendUnavailableError(BackendError):
     code = "backend_unavailable"
+
+
+class AuthenticationError(GatekeeperError):
+    """No API key, or one that matches no configured key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class RateLimitedError(GatekeeperError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class DecisionLogError(GatekeeperError):
+    """The decision could not be made durable, so it is not sent: no unlogged decisions."""
+
+    status_code = 503
+    error_type = "internal_error"
+    code = "decision_log_unavailable"

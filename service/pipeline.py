@@ -159,6 +159,26 @@ class Gatekeeper:
             return self._fail_closed(request_id, tier, bug, start, budget_ms, info)
         return self._answer(request_id, outcome, start, budget_ms, info)
 
+    def refuse(
+        self,
+        request: EvaluateRequest,
+        reason: DegradedReason,
+        detail: str,
+        *,
+        start: float | None = None,
+    ) -> EvaluateResponse:
+        """A fail-closed answer given without asking a model (e.g. at the end of a drain)."""
+        tier = self.pool.get(request.tier or self.settings.default_tier)
+        budget_ms = request.latency_budget_ms or self.settings.default_latency_budget_ms
+        return self._fail_closed(
+            request.request_id or uuid.uuid4().hex,
+            tier,
+            FailClosed(reason, detail),
+            time.monotonic() if start is None else start,
+            budget_ms,
+            RouteInfo(kind="pinned" if request.tier else "fits"),
+        )
+
     def _estimate_tokens(
         self, request: EvaluateRequest, evidence: list[EvidenceItem]
     ) -> tuple[int, int]:

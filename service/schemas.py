@@ -34,6 +34,7 @@ class DegradedReason(StrEnum):
     BUDGET_INFEASIBLE = "budget_infeasible"
     OVERLOADED = "overloaded"
     INTERNAL_ERROR = "internal_error"
+    SHUTTING_DOWN = "shutting_down"
 
 
 class _Strict(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -96,6 +96,41 @@ class TierSettings(_Section):
     )
 
 
+# ---- operations: the decision log, API keys, shutdown ------------------------------------
+_SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class AuditSettings(_Section):
+    """The durable decision log: SQLite in WAL mode, each decision committed before it is sent."""
+
+    enabled: bool = Field(default=True, description="Append every decision to the log.")
+    path: Path = Field(
+        default=Path.home() / ".local" / "state" / "gatekeeper" / "decisions.db",
+        description="The SQLite file (created with its folder).",
+    )
+    redact: bool = Field(
+        default=True,
+        description="Keep request content (goal, history, action, evidence) and the model's "
+        "rationale out of the log and the logs; the request is kept as its sha256 only.",
+    )
+
+
+class AuthSettings(_Section):
+    """Bearer API keys, stored as sha256 hashes. No keys: /evaluate is open."""
+
+    api_keys: dict[str, Annotated[str, Field(pattern=_SHA256_HEX)]] = Field(
+        default_factory=dict,
+        description="Key id -> sha256 (hex) of its bearer token (`gatekeeper keys new ID`).",
+    )
+    metrics_key_sha256: str | None = Field(
+        default=None, pattern=_SHA256_HEX, description="Bearer token for /metrics; None: open."
+    )
+    rate_per_s: float = Field(
+        default=0.0, ge=0.0, description="Sustained requests per second per key (0: no limit)."
+    )
+    burst: int = Field(default=20, ge=1, description="Requests a key may make at once.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEKEEPER_", env_nested_delimiter="__", extra="forbid"
@@ -172,6 +207,16 @@ class Settings(BaseSettings):
     )
     tiers: dict[str, TierSettings] = Field(default_factory=dict)
     models: dict[str, ModelSource] = Field(default_factory=dict)
+    # ---- operations
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="Decision log.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys.")
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=3600.0,
+        description="On SIGTERM, requests not answered within this many seconds get a "
+        "fail-closed answer (shutting_down).",
+    )
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:

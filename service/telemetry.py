@@ -86,6 +86,13 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.budget_used = Histogram(
+            "gatekeeper_budget_used_ratio",
+            "Answer time over the request's latency budget (above 1: a miss).",
+            ["tier"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0),
+            registry=r,
+        )
         self.http_errors = Counter(
             "gatekeeper_http_errors",
             "Error responses, by status code and error code.",

@@ -26,6 +26,7 @@ def fake_settings(**overrides: Any) -> Settings:
         "default_tier": "edge",
         "log_format": "text",
         "warmup": False,
+        "audit": {"enabled": False},  # tests that check the log give it a tmp_path
     }
     values.update(overrides)
     return Settings(**values)

@@ -43,7 +43,9 @@ def install_error_handlers(app: FastAPI) -> None:
         _count(request, exc.status_code, exc.code)
         if exc.status_code >= 500:
             logger.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.status_code, exc.message, exc.error_type, exc.code, exc.param)
+        response = error_response(exc.status_code, exc.message, exc.error_type, exc.code, exc.param)
+        response.headers.update(exc.headers())
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
