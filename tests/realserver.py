@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +30,14 @@ def gatekeeper_server(
     env: dict[str, str], *, ready_timeout: float = 180.0
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    full_env = {**os.environ, "GATEKEEPER_LOG_FORMAT": "json", **env}
+    # a decision log of its own unless the test names one: never the user's state folder
+    scratch = tempfile.mkdtemp(prefix="gatekeeper-test-")
+    full_env = {
+        **os.environ,
+        "GATEKEEPER_LOG_FORMAT": "json",
+        "GATEKEEPER_AUDIT__PATH": os.path.join(scratch, "decisions.db"),
+        **env,
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
@@ -62,3 +71,4 @@ def gatekeeper_server(
                 proc.wait()
         if proc.stdout:
             proc.stdout.close()
+        shutil.rmtree(scratch, ignore_errors=True)
