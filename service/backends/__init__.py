@@ -42,9 +42,16 @@ def _openai(tier: TierSettings, _store: ModelStore) -> Backend:
     )
 
 
+def _mlx(tier: TierSettings, _store: ModelStore) -> Backend:
+    from service.backends.mlx import MlxBackend
+
+    assert tier.mlx_model is not None  # TierSettings checks
+    return MlxBackend(tier.mlx_model, n_ctx=tier.n_ctx)
+
+
 # A registry rather than an if/elif chain; the imports stay lazy so that a missing optional
 # engine only fails the tiers that use it.
-BACKENDS: dict[str, BackendFactory] = {"llama_cpp": _llama_cpp, "openai": _openai}
+BACKENDS: dict[str, BackendFactory] = {"llama_cpp": _llama_cpp, "openai": _openai, "mlx": _mlx}
 
 
 def create_backend(tier: TierSettings, store: ModelStore) -> Backend:
