@@ -107,6 +107,11 @@ class TierSettings(_Section):
         description="openai: resends on connection errors before any "
         "token, while the budget lasts.",
     )
+    response_format: Literal["json_schema", "json_object"] = Field(
+        default="json_schema",
+        description="openai: how the schema is sent: 'json_schema' (OpenAI, vLLM, the llama.cpp "
+        "server, Ollama) or 'json_object' with a schema (llama-cpp-python's server).",
+    )
     top_logprobs: int = Field(
         default=0,
         ge=0,

@@ -15,10 +15,10 @@ from service.app import create_app
 from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopSettings
-from service.settings import Settings, TierSettings, load_settings
+from service.settings import TierSettings, load_settings
 from service.verify import parse_answer
 from service.weights import ModelStore
-from tests.conftest import running_app, sample_request
+from tests.conftest import fake_settings, running_app, sample_request
 from tests.mlx_models import ARCHITECTURES, build_tiny_model, save_tokenizer_from_gguf
 
 pytestmark = pytest.mark.model
@@ -146,7 +146,7 @@ def test_the_token_hook_and_the_deadline_stop_generation(backends: dict[str, Mlx
 
 @pytest.mark.parametrize("arch", ["lfm2", "falcon_h1"])
 async def test_evaluate_through_an_mlx_tier(tiny_models: dict[str, Path], arch: str) -> None:
-    settings = Settings(
+    settings = fake_settings(
         tiers={
             "edge": TierSettings(
                 backend="mlx",
@@ -157,10 +157,6 @@ async def test_evaluate_through_an_mlx_tier(tiny_models: dict[str, Path], arch: 
                 revision_chars=40,
             )
         },
-        models={},
-        default_tier="edge",
-        log_format="text",
-        warmup=False,
         # random weights repeat themselves; the detector's own tests are in test_loops.py
         loops=LoopSettings(enabled=False),
     )

@@ -38,6 +38,7 @@ def _openai(tier: TierSettings, _store: ModelStore) -> Backend:
         context_size=tier.n_ctx,
         connect_timeout_s=tier.connect_timeout_s,
         max_retries=tier.max_retries,
+        response_format=tier.response_format,
         top_logprobs=tier.top_logprobs,
     )
 

@@ -129,6 +129,7 @@ class OpenAICompatibleBackend:
         context_size: int = 4096,
         connect_timeout_s: float = 2.0,
         max_retries: int = 2,
+        response_format: str = "json_schema",
         top_logprobs: int = 0,
         max_connections: int = 8,
         transport: httpx.BaseTransport | None = None,
@@ -139,6 +140,7 @@ class OpenAICompatibleBackend:
         self._context_size = context_size
         self._connect_timeout_s = connect_timeout_s
         self._max_retries = max_retries
+        self._response_format = response_format
         self._top_logprobs = top_logprobs
         self._limits = httpx.Limits(max_connections=max_connections)
         self._transport = transport
@@ -182,15 +184,15 @@ class OpenAICompatibleBackend:
             "frequency_penalty": request.frequency_penalty,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": "gatekeeper_answer",
-                    "strict": True,
-                    "schema": request.constraint.schema,
-                },
-            },
         }
+        schema = request.constraint.schema
+        if self._response_format == "json_object":  # llama-cpp-python's form
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        else:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "gatekeeper_answer", "strict": True, "schema": schema},
+            }
         if request.repeat_penalty != 1.0:
             body["repeat_penalty"] = request.repeat_penalty  # llama.cpp and vLLM extension
         if self._top_logprobs and request.constraint.choices:
