@@ -112,8 +112,9 @@ def test_max_tokens_ends_the_stream(backend_for: list[OpenAICompatibleBackend]) 
     assert generation.finish == Finish.LENGTH and generation.completion_tokens == 6
 
 
+@pytest.mark.parametrize("straddling", [True, False])
 def test_decision_probabilities_from_top_logprobs(
-    backend_for: list[OpenAICompatibleBackend],
+    backend_for: list[OpenAICompatibleBackend], straddling: bool
 ) -> None:
     def event(token: str, tops: dict[str, float]) -> str:
         logprobs = {
@@ -127,13 +128,20 @@ def test_decision_probabilities_from_top_logprobs(
         }
         return json.dumps({"choices": [{"delta": {"content": token}, "logprobs": logprobs}]})
 
-    # the decision starts inside the token '"de': its lead '"' closes the opening
-    events = [
-        event('{"decision":', {'{"decision":': 0.0}),
-        event(' "de', {' "de': math.log(0.6), ' "all': math.log(0.3), " x": math.log(0.1)}),
-        event('ny", "rationale": "r"}', {}),
-        "[DONE]",
-    ]
+    if straddling:  # the decision starts inside the token ' "de': ' "' closes the opening
+        events = [
+            event('{"decision":', {'{"decision":': 0.0}),
+            event(' "de', {' "de': math.log(0.6), ' "all': math.log(0.3), " x": math.log(0.1)}),
+            event('ny", "rationale": "r"}', {}),
+            "[DONE]",
+        ]
+    else:  # the opening ends with a piece; the next token starts the decision
+        events = [
+            event('{"decision": "', {'{"decision": "': 0.0}),
+            event("de", {"de": math.log(0.6), "allow": math.log(0.3), "x": math.log(0.1)}),
+            event('ny", "rationale": "r"}', {}),
+            "[DONE]",
+        ]
     with scripted_engine(Reply(events)) as (url, bodies):
         generation = _loaded(url, backend_for, top_logprobs=5).generate(_request())
     assert bodies[0]["logprobs"] is True and bodies[0]["top_logprobs"] == 5

@@ -52,6 +52,7 @@ class _Stream:
         self.finish: Finish | None = None
         self.usage: dict[str, Any] = {}
         self.choice_probs: dict[str, float] = {}
+        self._choices_due = False
         self._on_token = on_token
         self._choices = choices
 
@@ -64,23 +65,28 @@ class _Stream:
             match = _OPENING.match(self.raw)
             if match is not None:
                 self.opened = True
-                self._read_choices(logprobs, match.end() - start)
+                # the decision starts in this piece, or in the next one
+                self._choices_due = not self._read_choices(logprobs, match.end() - start)
                 piece = self.raw[match.end() :]
             elif len(self.raw) >= _OPENING_MAX or not _could_open(self.raw):
                 self.opened = False  # another key order or shape: verified at the end
                 piece = self.raw
             else:
                 return False
+        elif self._choices_due:
+            self._choices_due = False
+            self._read_choices(logprobs, 0)
         self.text += piece
         if self._on_token is None or not piece:
             return False
         # ids stand for the text, as with a real tokenizer: equal pieces, equal ids
         return self._on_token(zlib.crc32(piece.encode()), piece)
 
-    def _read_choices(self, logprobs: list[dict[str, Any]], offset: int) -> None:
-        """P(choice) from the top log-probabilities of the token that starts the decision."""
+    def _read_choices(self, logprobs: list[dict[str, Any]], offset: int) -> bool:
+        """P(choice) from the top log-probabilities of the token at `offset` characters into
+        this piece, where the decision starts; False when the piece ends before it."""
         if not self._choices:
-            return
+            return True
         for entry in logprobs:
             token = str(entry.get("token", ""))
             if offset < len(token):
@@ -94,8 +100,9 @@ class _Stream:
                         if word.startswith(rest):
                             p = math.exp(float(top.get("logprob", -math.inf)))
                             self.choice_probs[word] = self.choice_probs.get(word, 0.0) + p
-                return
+                return True
             offset -= len(token)
+        return False
 
     def answer(self) -> str:
         """The text after the opening, in the shape the verifier expects."""
