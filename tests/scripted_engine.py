@@ -6,6 +6,7 @@ the real-engine tests are in test_openai_server.py."""
 from __future__ import annotations
 
 import json
+import socket
 import socketserver
 import threading
 import time
@@ -41,10 +42,18 @@ class _Server(socketserver.ThreadingMixIn, HTTPServer):
     replies: list[Reply]
     bodies: list[dict[str, Any]]
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that stops reading early (hook, deadline) is expected here
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # small SSE writes must leave at once, as a real engine's do (no Nagle delay)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
