@@ -92,18 +92,24 @@ def save_tokenizer_from_gguf(gguf_path: Path, folder: Path) -> int:
     return len(tokens)
 
 
-def build_tiny_model(arch: str, folder: Path, tokenizer_dir: Path, vocab_size: int) -> Path:
-    """A random mlx-lm model of `arch` that `mlx_lm.load(folder)` loads like a real one."""
+def build_tiny_model(
+    arch: str, folder: Path, tokenizer_dir: Path, vocab_size: int, *, stuck: bool = False
+) -> Path:
+    """A random mlx-lm model of `arch` that `mlx_lm.load(folder)` loads like a real one.
+    `stuck`: all weights zero, so every step's logits are equal and greedy decoding repeats
+    the first token the grammar allows: a model caught in a loop, by construction."""
     import shutil
 
     import mlx.core as mx
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.utils import _get_classes
 
     config = {"model_type": arch, "vocab_size": vocab_size, **_COMMON, **ARCHITECTURES[arch]}
     model_class, args_class = _get_classes(config)
     mx.random.seed(0)
     model = model_class(args_class.from_dict(config))
+    if stuck:
+        model.update(tree_map(mx.zeros_like, model.parameters()))
     mx.eval(model.parameters())
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))

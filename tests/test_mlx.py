@@ -14,7 +14,7 @@ import pytest
 from service.app import create_app
 from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.loops import LoopSettings
+from service.loops import LoopDetector, LoopSettings
 from service.settings import TierSettings, load_settings
 from service.verify import parse_answer
 from service.weights import ModelStore
@@ -50,17 +50,22 @@ from service.backends.mlx import MlxBackend  # noqa: E402  (after the skip: need
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """SmolLM2's tokenizer as a Hugging Face folder, and its vocabulary size."""
     try:
         gguf = ModelStore(load_settings()).resolve(SMOL)
     except Exception as exc:
         pytest.skip(f"the tokenizer comes from {SMOL}, which is not installed: {exc}")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    return folder, save_tokenizer_from_gguf(gguf, folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: tuple[Path, int]
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mlx")
-    vocab = save_tokenizer_from_gguf(gguf, root / "tokenizer")
-    return {
-        arch: build_tiny_model(arch, root / arch, root / "tokenizer", vocab)
-        for arch in ARCHITECTURES
-    }
+    return {arch: build_tiny_model(arch, root / arch, *tokenizer) for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +176,30 @@ async def test_evaluate_through_an_mlx_tier(tiny_models: dict[str, Path], arch: 
     assert body["model"] == str(tiny_models[arch]) and body["tier"] == "edge"
     assert {e["id"] for e in body["evidence"]} <= {"R1", "T1"}
     assert body["usage"]["completion_tokens"] > 3
+
+
+async def test_a_looping_model_is_stopped_by_the_loop_detector_and_fails_closed(
+    tmp_path: Path, tokenizer: tuple[Path, int]
+) -> None:
+    stuck = build_tiny_model("qwen3", tmp_path / "stuck", *tokenizer, stuck=True)
+    backend = MlxBackend(str(stuck), n_ctx=2048)
+    backend.load()
+    detector = LoopDetector(LoopSettings())
+    try:
+        generation = backend.generate(
+            GenerationRequest(_prompt("ls"), build_constraint(SHAPE), 120, time.monotonic() + 60),
+            lambda token, piece: detector.feed(token, piece) is not None,
+        )
+    finally:
+        backend.close()
+    assert generation.finish == Finish.HOOK and detector.verdict is not None
+    # stopped inside the looping rationale: neither at max_tokens nor at the closing brace
+    assert generation.completion_tokens < 120 and not generation.text.endswith("}")
+    settings = fake_settings(
+        tiers={"edge": TierSettings(backend="mlx", mlx_model=str(stuck), n_ctx=2048)},
+        retry_once=False,
+    )
+    async with running_app(create_app(settings)) as client:
+        body = (await client.post("/evaluate", json=sample_request())).json()
+    assert body["degraded"] is True and body["reason"] == "doom_loop", body
+    assert body["decision"] == "escalate" and body["loops"][0]["tier"] == "edge"
