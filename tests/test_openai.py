@@ -145,7 +145,9 @@ def test_decision_probabilities_from_top_logprobs(
     with scripted_engine(Reply(events)) as (url, bodies):
         generation = _loaded(url, backend_for, top_logprobs=5).generate(_request())
     assert bodies[0]["logprobs"] is True and bodies[0]["top_logprobs"] == 5
-    assert generation.choice_probs == pytest.approx({"deny": 0.6, "allow": 0.3})
+    # revise and escalate were not listed: at most as likely as the last listed token
+    expected = {"deny": 0.6, "allow": 0.3, "revise": 0.1, "escalate": 0.1}
+    assert generation.choice_probs == pytest.approx(expected)
     assert parse_answer(RESPONSE_PREFIX + generation.text, SHAPE).decision == "deny"
 
 

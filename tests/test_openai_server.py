@@ -142,3 +142,21 @@ async def test_evaluate_fails_closed_when_the_engine_goes_away(smol_path: Path) 
     assert body["degraded"] is True and body["reason"] == "model_error", body
     assert body["decision"] == "escalate"  # the configured fail-closed posture, never allow
     assert took < budget_ms / 1000 / 4  # well inside the budget: no waiting on a dead engine
+
+
+def test_decision_probabilities_from_the_engines_logprobs(engine: str) -> None:
+    backend = OpenAICompatibleBackend(
+        "smollm2", engine, response_format="json_object", top_logprobs=10
+    )
+    backend.load()
+    try:
+        request = GenerationRequest(
+            _prompt("rm -rf /"), build_constraint(SHAPE), 12, time.monotonic() + 120
+        )
+        generation = backend.generate(request)
+    finally:
+        backend.close()
+    probs = generation.choice_probs
+    assert set(probs) == {"allow", "deny", "revise", "escalate"}
+    assert all(0 < p <= 1 for p in probs.values())
+    assert generation.text.split('"')[0] in probs  # the decision the engine wrote

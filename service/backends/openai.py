@@ -91,7 +91,8 @@ class _Stream:
             token = str(entry.get("token", ""))
             if offset < len(token):
                 lead = token[:offset]  # the part of this token that closes the opening
-                for top in entry.get("top_logprobs") or []:
+                tops = entry.get("top_logprobs") or []
+                for top in tops:
                     cand = str(top.get("token", ""))
                     if not cand.startswith(lead) or len(cand) == len(lead):
                         continue
@@ -100,6 +101,13 @@ class _Stream:
                         if word.startswith(rest):
                             p = math.exp(float(top.get("logprob", -math.inf)))
                             self.choice_probs[word] = self.choice_probs.get(word, 0.0) + p
+                if tops:
+                    # A word missing from the top-k is at most as likely as the last listed
+                    # token: taking that bound keeps P(allow) from being overstated by a
+                    # normalisation over the few words that happened to be listed.
+                    floor = min(math.exp(float(t.get("logprob", -math.inf))) for t in tops)
+                    for word in self._choices:
+                        self.choice_probs.setdefault(word, floor)
                 return True
             offset -= len(token)
         return False
