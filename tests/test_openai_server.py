@@ -49,7 +49,9 @@ def _settings(url: str, **tier: object) -> Settings:
                 remote_model="smollm2",
                 response_format="json_object",  # llama-cpp-python's server's form
                 n_ctx=2048,
-                max_tokens=128,
+                # SmolLM2 spends many short tokens on a rationale: room enough to close it
+                max_tokens=192,
+                rationale_chars=120,
                 **tier,  # type: ignore[arg-type]
             )
         },

@@ -147,7 +147,6 @@ class OpenAICompatibleBackend:
         response_format: str = "json_schema",
         top_logprobs: int = 0,
         max_connections: int = 8,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.model = model
         self._base_url = base_url.rstrip("/")
@@ -158,7 +157,6 @@ class OpenAICompatibleBackend:
         self._response_format = response_format
         self._top_logprobs = top_logprobs
         self._limits = httpx.Limits(max_connections=max_connections)
-        self._transport = transport
         self._client: httpx.Client | None = None
 
     @property
@@ -171,7 +169,6 @@ class OpenAICompatibleBackend:
             base_url=self._base_url,
             headers=headers,
             limits=self._limits,
-            transport=self._transport,
         )
         try:
             response = self._client.get("/models", timeout=self._connect_timeout_s + 3.0)
