@@ -149,7 +149,7 @@ def test_the_token_hook_and_the_deadline_stop_generation(backends: dict[str, Mlx
     assert time.monotonic() - started < 1.0  # stopped between prefill chunks
 
 
-@pytest.mark.parametrize("arch", ["lfm2", "falcon_h1"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 async def test_evaluate_through_an_mlx_tier(tiny_models: dict[str, Path], arch: str) -> None:
     settings = fake_settings(
         tiers={
