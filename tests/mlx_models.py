@@ -41,6 +41,14 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "mamba_d_head": 32,
         "mamba_chunk_size": 16,
     },
+    # Gemma 3: local sliding-window layers with a global one every `sliding_window_pattern`
+    "gemma3_text": {
+        "intermediate_size": 128,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 64,
+        "sliding_window_pattern": 2,
+    },
     # Qwen3.5: gated delta-net linear attention, full attention every second layer
     "qwen3_5": {
         "intermediate_size": 128,
