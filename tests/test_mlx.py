@@ -1,6 +1,6 @@
 """MlxBackend end to end on tiny random mlx-lm models of the seed families (LFM2, Qwen3,
-Falcon-H1, Gemma 3, Qwen3.5) with a real tokenizer: they load through mlx_lm.load, generate under the
-request's grammar through llguidance, and answer /evaluate. Random weights say nothing about
+Falcon-H1, Gemma 3, Qwen3.5) with a real tokenizer: they load through mlx_lm.load, generate
+under the request's grammar through llguidance, and answer /evaluate. Random weights say nothing about
 decision quality; they prove that each architecture runs the whole path."""
 
 from __future__ import annotations
