@@ -85,14 +85,13 @@ class Gatekeeper:
         self.pool = pool
         self.policies = policies
         self.metrics = metrics
-        self._choose = {
-            name: decision_policy(
-                tier.allow_threshold
-                if tier.allow_threshold is not None
-                else settings.allow_threshold
-            )
+        self._thresholds = {
+            name: tier.allow_threshold
+            if tier.allow_threshold is not None
+            else settings.allow_threshold
             for name, tier in settings.tiers.items()
         }
+        self._choose = {name: decision_policy(t) for name, t in self._thresholds.items()}
         self._default_choose = decision_policy(settings.allow_threshold)
 
     def validate(self, request: EvaluateRequest) -> None:
@@ -360,7 +359,13 @@ class Gatekeeper:
     ) -> EvaluateResponse:
         answer, gen, tier = outcome.answer, outcome.generation, outcome.tier
         by_id = {item.id: item for item in outcome.built.evidence}
-        confidence = confidence_of(answer.decision, gen.choice_probs)
+        decision = answer.decision
+        confidence = confidence_of(decision, gen.choice_probs)
+        threshold = self._thresholds.get(tier.name, self.settings.allow_threshold)
+        if decision == Decision.ALLOW and confidence < threshold:
+            # an engine that picks the decision itself (a remote one) is held to the same bar
+            # as one whose decision we force from the logits
+            decision, confidence = Decision.ESCALATE, 1.0 - confidence
         timing = Timing(
             queue_ms=outcome.queue_s * 1000,
             prefill_ms=gen.prefill_s * 1000,
@@ -369,7 +374,7 @@ class Gatekeeper:
         )
         response = EvaluateResponse(
             request_id=request_id,
-            decision=answer.decision,
+            decision=decision,
             confidence=min(1.0, max(0.0, confidence)),
             evidence=[by_id[i] for i in answer.evidence],
             cited_history=list(answer.history),

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,7 +65,7 @@ class ModelSource(_Section):
 
 
 class TierSettings(_Section):
-    backend: Literal["llama_cpp", "fake"] = Field(
+    backend: Literal["llama_cpp", "openai", "mlx", "fake"] = Field(
         default="llama_cpp", description="Which engine adapter serves this tier."
     )
     model: str | None = Field(default=None, description="A name from the [models] catalogue.")
@@ -94,6 +94,49 @@ class TierSettings(_Section):
     max_queue: int = Field(
         default=4, ge=1, le=1024, description="Requests waiting or running on the tier, at most."
     )
+    # Remote and MLX engines (backend = "openai" / "mlx"); see docs/backends.md.
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="openai: the engine's API root, e.g. http://gpu-box:8000/v1.",
+    )
+    api_key: SecretStr | None = Field(default=None, description="openai: sent as a Bearer token.")
+    remote_model: str | None = Field(
+        default=None, description="openai: the model name the engine serves."
+    )
+    connect_timeout_s: float = Field(
+        default=2.0, gt=0, le=60, description="openai: connect timeout (capped by the budget)."
+    )
+    max_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="openai: resends on connection errors before any "
+        "token, while the budget lasts.",
+    )
+    response_format: Literal["json_schema", "json_object"] = Field(
+        default="json_schema",
+        description="openai: how the schema is sent: 'json_schema' (OpenAI, vLLM, the llama.cpp "
+        "server, Ollama) or 'json_object' with a schema (llama-cpp-python's server).",
+    )
+    top_logprobs: int = Field(
+        default=0,
+        ge=0,
+        le=20,
+        description="openai: ask for this many log-probabilities to "
+        "read the decision's probability (0: none; confidence is then 0.5).",
+    )
+    mlx_model: str | None = Field(
+        default=None, description="mlx: a local mlx-lm model folder (or a hub id mlx-lm knows)."
+    )
+
+    @model_validator(mode="after")
+    def _engine_named(self) -> TierSettings:
+        if self.backend == "openai" and not (self.base_url and self.remote_model):
+            raise ValueError("backend 'openai' needs base_url and remote_model")
+        if self.backend == "mlx" and not self.mlx_model:
+            raise ValueError("backend 'mlx' needs mlx_model")
+        return self
 
 
 # ---- operations: the decision log, API keys, shutdown ------------------------------------

@@ -113,9 +113,8 @@ class TierPool:
     def _load_one(self, tier: Tier) -> None:
         try:
             if tier.backend is None:
-                model, path = ModelStore(self._settings).resolve_tier(tier.settings)
-                tier.model = model
-                tier.backend = create_backend(model, path, tier.settings)
+                tier.backend = create_backend(tier.settings, ModelStore(self._settings))
+                tier.model = tier.backend.model
             tier.backend.load()
             if self._settings.warmup:
                 self._warm_up(tier, tier.backend)

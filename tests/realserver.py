@@ -1,9 +1,9 @@
-"""Start the real service as a separate process on loopback, for the real-model tests."""
+"""Start real servers (the service, or llama-cpp-python's OpenAI-compatible engine) as
+separate processes on loopback, for the real-model tests and the benchmarks."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,49 +26,77 @@ def free_port() -> int:
 
 
 @contextmanager
+def server_process(
+    command: list[str], ready_url: str, *, env: dict[str, str] | None = None, ready_timeout: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` until the block ends; yield once `ready_url` answers 200. Its output goes
+    to a file, not a pipe: a chatty engine would fill a pipe nobody reads and stall."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    out = log.read().decode(errors="replace")[-4000:]
+                    raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+                try:
+                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server not ready in time")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@contextmanager
 def gatekeeper_server(
     env: dict[str, str], *, ready_timeout: float = 180.0
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    # a decision log of its own unless the test names one: never the user's state folder
-    scratch = tempfile.mkdtemp(prefix="gatekeeper-test-")
-    full_env = {
-        **os.environ,
-        "GATEKEEPER_LOG_FORMAT": "json",
-        "GATEKEEPER_AUDIT__PATH": os.path.join(scratch, "decisions.db"),
-        **env,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready in time")
-            time.sleep(0.2)
+    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    # a decision log of its own unless the test names one: never the user's state folder
+    with tempfile.TemporaryDirectory(prefix="gatekeeper-test-") as scratch, server_process(
+        command,
+        f"{url}/readyz",
+        env={
+            "GATEKEEPER_LOG_FORMAT": "json",
+            "GATEKEEPER_AUDIT__PATH": os.path.join(scratch, "decisions.db"),
+            **env,
+        },
+        ready_timeout=ready_timeout,
+    ) as proc:
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def llama_cpp_server(
+    model_path: Path, *, alias: str, n_ctx: int = 2048, ready_timeout: float = 120.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """llama-cpp-python's OpenAI-compatible server on loopback; yields its /v1 URL."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+        "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(n_ctx), "--n_threads", "2",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    with server_process(command, f"{url}/models", ready_timeout=ready_timeout) as proc:
+        yield url, proc

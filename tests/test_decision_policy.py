@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from service.backends.fake import FakeBackend, Script
@@ -38,3 +40,19 @@ async def test_a_tier_threshold_overrides_the_global_one() -> None:
         on_mid = (await client.post("/evaluate", json=sample_request(tier="mid"))).json()
     assert on_edge["decision"] == "escalate"
     assert on_mid["decision"] == "allow"
+
+
+async def test_an_engine_that_picks_allow_itself_is_held_to_the_threshold() -> None:
+    # a remote engine samples its own decision; the probabilities it reports still decide
+    unsure = FakeBackend(
+        scripts=[Script(answer("allow", [], []), choice_probs={"allow": 0.55, "deny": 0.45})]
+    )
+    unsure_request = unsure.generate
+    unsure.generate = lambda request, on_token=None: unsure_request(  # type: ignore[method-assign]
+        dataclasses.replace(request, choose=None), on_token
+    )
+    tiers = {"edge": TierSettings(backend="fake", allow_threshold=0.8)}
+    async with fake_app({"edge": unsure}, tiers=tiers) as client:
+        body = (await client.post("/evaluate", json=sample_request())).json()
+    assert body["decision"] == "escalate" and body["degraded"] is False
+    assert body["confidence"] == pytest.approx(0.45)

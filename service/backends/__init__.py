@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from service.backends.base import Backend
 from service.errors import ConfigurationError
 from service.settings import TierSettings
+from service.weights import ModelStore
 
-BackendFactory = Callable[[str, Path, TierSettings], Backend]
+# A factory gets the tier's settings and the GGUF store (for the engines that run a local GGUF).
+BackendFactory = Callable[[TierSettings, ModelStore], Backend]
 
 
-def _llama_cpp(model: str, path: Path, tier: TierSettings) -> Backend:
+def _llama_cpp(tier: TierSettings, store: ModelStore) -> Backend:
     from service.backends.llama_cpp import LlamaCppBackend
 
+    model, path = store.resolve_tier(tier)
     return LlamaCppBackend(
         model,
         path,
@@ -25,13 +27,36 @@ def _llama_cpp(model: str, path: Path, tier: TierSettings) -> Backend:
     )
 
 
+def _openai(tier: TierSettings, _store: ModelStore) -> Backend:
+    from service.backends.openai import OpenAICompatibleBackend
+
+    assert tier.base_url is not None and tier.remote_model is not None  # TierSettings checks
+    return OpenAICompatibleBackend(
+        tier.remote_model,
+        tier.base_url,
+        api_key=tier.api_key.get_secret_value() if tier.api_key else None,
+        context_size=tier.n_ctx,
+        connect_timeout_s=tier.connect_timeout_s,
+        max_retries=tier.max_retries,
+        response_format=tier.response_format,
+        top_logprobs=tier.top_logprobs,
+    )
+
+
+def _mlx(tier: TierSettings, _store: ModelStore) -> Backend:
+    from service.backends.mlx import MlxBackend
+
+    assert tier.mlx_model is not None  # TierSettings checks
+    return MlxBackend(tier.mlx_model, n_ctx=tier.n_ctx)
+
+
 # A registry rather than an if/elif chain; the imports stay lazy so that a missing optional
 # engine only fails the tiers that use it.
-BACKENDS: dict[str, BackendFactory] = {"llama_cpp": _llama_cpp}
+BACKENDS: dict[str, BackendFactory] = {"llama_cpp": _llama_cpp, "openai": _openai, "mlx": _mlx}
 
 
-def create_backend(model: str, path: Path, tier: TierSettings) -> Backend:
+def create_backend(tier: TierSettings, store: ModelStore) -> Backend:
     factory = BACKENDS.get(tier.backend)
     if factory is None:
-        raise ConfigurationError(f"backend {tier.backend!r} cannot serve a GGUF model")
-    return factory(model, path, tier)
+        raise ConfigurationError(f"no engine adapter is called {tier.backend!r}")
+    return factory(tier, store)

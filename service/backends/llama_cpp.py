@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import logging
-import re
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,13 @@ from service.backends.base import (
     GenerationRequest,
     Prompt,
     TokenHook,
+)
+from service.backends.chat import (
+    check_fits,
+    choice_table,
+    raw_completion,
+    slotted_messages,
+    tokenize_slotted,
 )
 from service.errors import BackendError, BackendUnavailableError
 
@@ -36,8 +42,6 @@ except ImportError as exc:  # pragma: no cover - exercised only where llama-cpp-
     _ENGINE_ERROR = str(exc)
 
 logger = logging.getLogger(__name__)
-
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
 @lru_cache(maxsize=64)
@@ -123,71 +127,42 @@ class LlamaCppBackend:
         return self._llm
 
     def count_tokens(self, text: str) -> int:
-        return len(self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._tokenize(text, special=False))
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
         """Tokens of the rendered prompt, with content tokenised as plain text."""
         llm = self._require()
-        contents = [m.content.strip() for m in prompt.messages]
         if self._formatter is not None:
-            messages = [
-                {"role": m.role, "content": f"\ue000{i}\ue001"}
-                for i, m in enumerate(prompt.messages)
-            ]
-            rendered: str = self._formatter(messages=messages).prompt
+            rendered: str = self._formatter(messages=slotted_messages(prompt)).prompt
             bos_text = self._piece(llm.token_bos())
             if self._bos and bos_text and rendered.startswith(bos_text):
                 rendered = rendered[len(bos_text) :]  # the tokenizer adds BOS itself
         else:
-            rendered = (
-                "".join(
-                    f"{m.role.upper()}:\n\ue000{i}\ue001\n\n" for i, m in enumerate(prompt.messages)
-                )
-                + "ASSISTANT:\n"
-            )
-        tokens = list(self._bos)
-        pos = 0
-        for match in _SENTINEL.finditer(rendered):
-            glue = rendered[pos : match.start()]
-            if glue:
-                tokens += llm.tokenize(glue.encode("utf-8"), add_bos=False, special=True)
-            text = contents[int(match.group(1))]
-            if text:
-                tokens += llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-            pos = match.end()
-        tail = rendered[pos:]
-        if tail:
-            tokens += llm.tokenize(tail.encode("utf-8"), add_bos=False, special=True)
-        if prompt.response_prefix:
-            tokens += llm.tokenize(
-                prompt.response_prefix.encode("utf-8"), add_bos=False, special=False
-            )
+            rendered = raw_completion(prompt)
+        return list(self._bos) + tokenize_slotted(
+            rendered,
+            prompt,
+            template_text=lambda text: self._tokenize(text, special=True),
+            content=lambda text: self._tokenize(text, special=False),
+        )
+
+    def _tokenize(self, text: str, *, special: bool) -> list[int]:
+        tokens: list[int] = self._require().tokenize(
+            text.encode("utf-8"), add_bos=False, special=special
+        )
         return tokens
 
     def _choices(self, choices: tuple[str, ...]) -> dict[str, list[int]]:
-        """For each choice word, the single tokens that can start it (its prefixes), the
-        longest last."""
         if choices not in self._choice_ids:
-            llm = self._require()
-            table: dict[str, list[int]] = {}
-            for word in choices:
-                ids: list[int] = []
-                for k in range(1, len(word) + 1):
-                    toks = llm.tokenize(word[:k].encode("utf-8"), add_bos=False, special=False)
-                    if len(toks) == 1 and toks[0] not in ids:
-                        ids.append(toks[0])
-                table[word] = ids
-            self._choice_ids[choices] = table
+            self._choice_ids[choices] = choice_table(
+                choices, lambda text: self._tokenize(text, special=False)
+            )
         return self._choice_ids[choices]
 
     def generate(self, request: GenerationRequest, on_token: TokenHook | None = None) -> Generation:
         llm = self._require()
         tokens = self.tokenize_prompt(request.prompt)
-        if len(tokens) + request.max_tokens > self._n_ctx:
-            raise BackendError(
-                f"prompt of {len(tokens)} tokens + {request.max_tokens} does not fit n_ctx "
-                f"{self._n_ctx}"
-            )
+        check_fits(len(tokens), request.max_tokens, self._n_ctx)
         choice_probs: dict[str, float] = {}
         table = self._choices(request.constraint.choices) if request.constraint.choices else {}
 
