@@ -49,6 +49,16 @@ class Agent(_Strict):
 
 
 class Turn(_Strict):
+    # the rule of the validator below, stated in the schema too so that clients and contract
+    # fuzzers see it (OpenAPI 3.1 is JSON Schema 2020-12, which has if/then)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"role": {"not": {"const": "agent"}}}},
+            "then": {"properties": {"thought": {"type": "null"}, "action": {"type": "null"}}},
+        },
+    )
+
     role: Literal["user", "agent", "tool", "environment"]
     content: str = Field(default="", max_length=MAX_TEXT)
     thought: str | None = Field(default=None, max_length=MAX_TEXT, description="Agent turns only.")
@@ -105,7 +115,9 @@ class EvaluateRequest(_Strict):
     latency_budget_ms: int | None = Field(
         default=None, ge=1, le=600_000, description="Server default when missing."
     )
-    tier: str | None = Field(default=None, max_length=32, description="Pin a tier by name.")
+    tier: str | None = Field(
+        default=None, min_length=1, max_length=32, description="Pin a tier by name."
+    )
     explain: bool = Field(default=True, description="Ask for a rationale and citations.")
 
     @field_validator("evidence")
