@@ -13,6 +13,7 @@ MAX_TEXT = 20_000
 MAX_TURNS = 200
 MAX_EVIDENCE = 256
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
+MAX_ARGUMENT_DEPTH = 32  # tool arguments nested deeper break serialisers downstream (audit log)
 
 
 class Decision(StrEnum):
@@ -71,9 +72,29 @@ class Turn(_Strict):
         return self
 
 
+def _depth(value: Any) -> int:
+    """How many objects and arrays deep a JSON value nests (iteratively: it may be hostile)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            stack += [(v, level + 1) for v in (node.values() if isinstance(node, dict) else node)]
+    return deepest
+
+
 class ToolAction(_Strict):
     tool: str = Field(min_length=1, max_length=256, pattern=r"\S")
-    arguments: dict[str, Any] = Field(default_factory=dict)
+    arguments: dict[str, Any] = Field(
+        default_factory=dict, description=f"At most {MAX_ARGUMENT_DEPTH} levels deep."
+    )
+
+    @field_validator("arguments")
+    @classmethod
+    def _bounded_depth(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        if _depth(arguments) > MAX_ARGUMENT_DEPTH:
+            raise ValueError(f"arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels")
+        return arguments
 
 
 class TextAction(_Strict):

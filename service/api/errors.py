@@ -15,7 +15,14 @@ from service.schemas import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# a 400 from the framework is a body it could not parse (invalid UTF-8, nesting deeper than
+# the JSON parser allows, an integer too long to convert)
+_HTTP_CODES = {
+    400: "invalid_body",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 def error_response(

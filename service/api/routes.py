@@ -61,7 +61,10 @@ _UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Unknown tier or policy."},
+    400: {
+        "model": ErrorResponse,
+        "description": "Unknown tier or policy, or a body that cannot be parsed.",
+    },
     413: {"model": ErrorResponse, "description": "Body over the configured limit."},
     422: {"model": ErrorResponse, "description": "The body breaks the schema."},
     500: {"model": ErrorResponse, "description": "An internal error."},
