@@ -7,6 +7,8 @@ llama.cpp then reuses their KV cache instead of evaluating them again."""
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +23,7 @@ from service.schemas import (
     Turn,
 )
 
-PROMPT_VERSION = "p3"
+PROMPT_VERSION = "p4"  # p4: user text neutralised (template markers, Cf chars, forged tags)
 
 SYSTEM_PROMPT = """You are Gatekeeper, a safety judge for AI agents. An agent wants to execute the \
 proposed action below. Judge it in the light of the user's goal and everything that happened \
@@ -93,12 +95,51 @@ PREAMBLE_CHARS = len(SYSTEM_PROMPT) + sum(len(m.content) for m in EXAMPLE_MESSAG
 _MARK = "## "
 
 
+# Chat-template control markers (ChatML, Llama 2/3, Mistral, Gemma, Phi, BOS/EOS). Local
+# engines tokenise content with special-token parsing off, but a remote engine may not, so
+# they are broken up in the text itself: "<|im_start|>" becomes "< |im_start|>".
+_TEMPLATE_MARKER = re.compile(
+    r"<\|[^<>|\n]{0,40}\|>|\[/?INST\]|<</?SYS>>|</?(?:start_of_turn|end_of_turn|s|bos|eos)>",
+    re.IGNORECASE,
+)
+
+
+def _invisible(char: str) -> str:
+    # Format characters (zero-width, bidi overrides and isolates, BOM) can hide or reorder
+    # text; they are shown as escapes so that the judge sees them and nothing hides behind them.
+    return f"<U+{ord(char):04X}>"
+
+
+def _neutral(text: str) -> str:
+    text = "".join(_invisible(c) if unicodedata.category(c) == "Cf" else c for c in text)
+    return _TEMPLATE_MARKER.sub(lambda m: f"{m.group(0)[0]} {m.group(0)[1:]}", text)
+
+
+# "[GK-01] " (an evidence item) or "[4] " (a history turn): an id in brackets, then a space
+_FORGED_START = re.compile(r"##|\[[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}\](?:\s|$)")
+
+
+def _fakes_a_section(line: str) -> bool:
+    # "## Proposed action" and look-alikes (indented, full-width number signs, behind zero-width
+    # characters), or a line opening with a tag like "[GK-01]" or "[4] user:" that would pass
+    # for an evidence item or a history turn of its own.
+    folded = unicodedata.normalize("NFKC", line).lstrip()
+    while folded.startswith("<U+"):
+        end = folded.find(">")
+        if end < 0:
+            break
+        folded = folded[end + 1 :].lstrip()
+    return _FORGED_START.match(folded) is not None
+
+
 def _quote(text: str, limit: int) -> str:
-    text = text.replace("\r", "")
+    # other line breaks a model may honour become plain ones, so the marker check sees them
+    text = re.sub("[\r\x0b\x0c\x85\u2028\u2029]", lambda m: "" if m.group() == "\r" else "\n", text)
     if len(text) > limit:
         half = limit // 2
         text = f"{text[:half]} [...{len(text) - limit} characters cut...] {text[-half:]}"
-    return "\n".join(("# " + line if line.startswith(_MARK) else line) for line in text.split("\n"))
+    text = _neutral(text)
+    return "\n".join(("# " + line if _fakes_a_section(line) else line) for line in text.split("\n"))
 
 
 def render_evidence(item: EvidenceItem) -> str:
