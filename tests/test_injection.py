@@ -33,15 +33,18 @@ def _request(**overrides: object) -> EvaluateRequest:
     )
 
 
-def _user_text(request: EvaluateRequest) -> str:
-    built = build_prompt(
+def _prompt(request: EvaluateRequest) -> Prompt:
+    return build_prompt(
         request,
         list(request.evidence or []),
         count_tokens=lambda t: len(t) // 4,
         max_prompt_tokens=100_000,
         max_turn_chars=20_000,
-    )
-    return built.prompt.messages[-1].content
+    ).prompt
+
+
+def _user_text(request: EvaluateRequest) -> str:
+    return _prompt(request).messages[-1].content
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -126,14 +129,7 @@ def test_the_prompt_contents_are_tokenised_as_plain_text_only() -> None:
     """chat.py: the template's glue is tokenised with special tokens on, every content with them
     off: no injected text ever reaches the special-token tokenizer."""
     request = inject(inject(_request(), "chatml", "history"), "gemma_turns", "action")
-    built = build_prompt(
-        request,
-        list(request.evidence or []),
-        count_tokens=lambda t: len(t) // 4,
-        max_prompt_tokens=100_000,
-        max_turn_chars=20_000,
-    )
-    prompt: Prompt = built.prompt
+    prompt = _prompt(request)
     rendered = "".join(
         f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in slotted_messages(prompt)
     )
