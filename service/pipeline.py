@@ -123,8 +123,14 @@ class Gatekeeper:
         request_id = request.request_id or uuid.uuid4().hex
         budget_ms = request.latency_budget_ms or self.settings.default_latency_budget_ms
         deadline = start + budget_ms / 1000.0
-        evidence = self._evidence(request)
-        route = self._route(request, evidence, deadline - start)
+        try:
+            evidence = self._evidence(request)
+            route = self._route(request, evidence, deadline - start)
+        except Exception as exc:  # our own bug before any tier is chosen: fail closed too
+            logger.exception("unexpected error while routing", extra={"request_id": request_id})
+            detail = f"internal error: {type(exc).__name__}"
+            request = request.model_copy(update={"request_id": request_id})
+            return self.refuse(request, DegradedReason.INTERNAL_ERROR, detail, start=start)
         tier = self.pool.get(route.tier or self.settings.default_tier)
         self.metrics.routes.labels(tier.name, route.kind.value).inc()
         info = RouteInfo(kind=route.kind.value, predicted_ms=_ms(route.predicted_s))

@@ -67,3 +67,22 @@ async def test_a_fault_answers_in_budget_degraded_counted_and_logged(
     assert any(r.levelno >= logging.WARNING for r in logged), [r.getMessage() for r in logged]
     assert any(getattr(r, "reason", None) == reason for r in logged)
     assert health.status_code == 200
+
+
+async def test_a_bug_in_routing_fails_closed_not_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fuzzer's StopIteration from routing was a 500: a bug before a tier is chosen must
+    # fail closed like one after
+    from service.pipeline import Gatekeeper
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise StopIteration
+
+    monkeypatch.setattr(Gatekeeper, "_route", broken)
+    async with fake_app({"edge": FakeBackend(scripts=[Script(answer("allow", [], []))])}) as client:
+        response = await client.post("/evaluate", json=sample_request(request_id="route-bug"))
+        metrics = (await client.get("/metrics")).text
+    body = response.json()
+    assert response.status_code == 200, response.text
+    assert body["decision"] == "escalate" and body["reason"] == "internal_error"
+    assert body["request_id"] == "route-bug"
+    assert 'gatekeeper_fail_closed_total{reason="internal_error",tier="edge"} 1.0' in metrics
