@@ -35,9 +35,10 @@ def _env(log: Path, **extra: str) -> dict[str, str]:
 class Load:
     """`clients` threads posting requests d-0 .. d-(total-1), recording what came back."""
 
-    def __init__(self, url: str, total: int, clients: int) -> None:
+    def __init__(self, url: str, total: int, clients: int, *, explain: bool = False) -> None:
         self.url = url
         self.total = total
+        self.explain = explain
         self.answers: dict[str, dict[str, Any]] = {}
         self.failures: dict[str, str] = {}
         self._next = 0
@@ -65,7 +66,7 @@ class Load:
             while (request_id := self._take()) is not None:
                 # a generous budget: queued requests must wait, not be refused by the router
                 body = sample_request(
-                    request_id=request_id, explain=False, latency_budget_ms=600_000
+                    request_id=request_id, explain=self.explain, latency_budget_ms=600_000
                 )
                 try:
                     response = client.post("/evaluate", json=body)
@@ -122,15 +123,17 @@ def test_sigterm_drains_answers_everything_flushes_the_log_and_exits_0(tmp_path:
     grace_s = 5.0
     with gatekeeper_server(_env(log, GATEKEEPER_SHUTDOWN_GRACE_S=str(grace_s))) as (url, proc):
         # a cold request fills the prompt cache; a warm one measures a request's time, so
-        # that enough requests queue up to outlast the grace on a fast machine or a slow one
+        # that enough requests queue up to outlast the grace on a fast machine or a slow one.
+        # With a rationale: decoding is never cached, so a warm request is not near-instant
+        # (the count of queued requests is capped, and must still outlast the grace)
         for request_id in ("cold", "warm"):
-            body = sample_request(request_id=request_id, explain=False, latency_budget_ms=600_000)
+            body = sample_request(request_id=request_id, explain=True, latency_budget_ms=600_000)
             started = time.monotonic()
             assert httpx.post(f"{url}/evaluate", json=body, timeout=120).status_code == 200
             one_s = time.monotonic() - started
         assert one_s < grace_s, "a request must fit in the grace for this test to mean much"
         total = min(60, math.ceil(3 * grace_s / one_s) + 2)
-        load = Load(url, total=total, clients=total).start()
+        load = Load(url, total=total, clients=total, explain=True).start()
         deadline = time.monotonic() + 30
         while _queue_depth(url) < total and time.monotonic() < deadline:
             time.sleep(0.05)  # all admitted: one generating, the rest queued behind it
