@@ -85,14 +85,13 @@ class Gatekeeper:
         self.pool = pool
         self.policies = policies
         self.metrics = metrics
-        self._thresholds = {
-            name: tier.allow_threshold
-            if tier.allow_threshold is not None
-            else settings.allow_threshold
-            for name, tier in settings.tiers.items()
-        }
-        self._choose = {name: decision_policy(t) for name, t in self._thresholds.items()}
-        self._default_choose = decision_policy(settings.allow_threshold)
+
+    def _threshold(self, tier: str) -> float:
+        """The tier's own allow threshold, else the global one (attached tiers have none)."""
+        own = self.settings.tiers.get(tier)
+        if own is not None and own.allow_threshold is not None:
+            return own.allow_threshold
+        return self.settings.allow_threshold
 
     def validate(self, request: EvaluateRequest) -> None:
         """Client errors (4xx) are raised here, before any work is queued."""
@@ -113,7 +112,7 @@ class Gatekeeper:
         taken = {item.id for item in supplied}
         room = max(0, min(self.settings.retrieval_top_k, cap - len(supplied)))
         rest = [item for item in pack.items if item.id not in taken]
-        if len(rest) > min(room, self.settings.whole_pack_max_items):
+        if len(rest) > room:
             rest = [i for i in pack.retrieve(request, len(pack.items)) if i.id not in taken]
         return (supplied + rest[:room])[:cap]
 
@@ -158,9 +157,7 @@ class Gatekeeper:
             logger.exception(
                 "unexpected error on the decision path", extra={"request_id": request_id}
             )
-            bug = FailClosed(
-                DegradedReason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
-            )
+            bug = FailClosed(DegradedReason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return self._fail_closed(request_id, tier, bug, start, budget_ms, info)
         return self._answer(request_id, outcome, start, budget_ms, info)
 
@@ -336,7 +333,7 @@ class Gatekeeper:
                 deadline,
                 queue_s,
                 settings=self.settings,
-                choose=self._choose.get(tier.name, self._default_choose),
+                choose=decision_policy(self._threshold(tier.name)),
                 metrics=self.metrics,
                 max_prompt_tokens=max_prompt_tokens,
             )
@@ -367,8 +364,7 @@ class Gatekeeper:
         by_id = {item.id: item for item in outcome.built.evidence}
         decision = answer.decision
         confidence = confidence_of(decision, gen.choice_probs)
-        threshold = self._thresholds.get(tier.name, self.settings.allow_threshold)
-        if decision == Decision.ALLOW and confidence < threshold:
+        if decision == Decision.ALLOW and confidence < self._threshold(tier.name):
             # an engine that picks the decision itself (a remote one) is held to the same bar
             # as one whose decision we force from the logits
             decision, confidence = Decision.ESCALATE, 1.0 - confidence

@@ -204,15 +204,9 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="Policy-pack rules placed in one prompt, at most; supplied evidence "
-        "comes first and counts against max_prompt_evidence.",
-    )
-    whole_pack_max_items: int = Field(
-        default=16,
-        ge=0,
-        le=256,
-        description="A pack of at most this many rules (that also fits the caps) goes into "
-        "the prompt whole, in its own order, as a prefix the KV cache reuses; a larger one "
-        "is ranked by BM25 retrieval against the action and history and cut to the caps.",
+        "comes first and counts against max_prompt_evidence. A pack that fits goes whole, "
+        "in its own order, as a prefix the KV cache reuses; a larger one is ranked by BM25 "
+        "against the action and history and cut.",
     )
     max_turn_chars: int = Field(
         default=1500, ge=64, description="Each history turn is cut to this many characters."

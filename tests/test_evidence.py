@@ -122,7 +122,7 @@ async def test_prompt_holds_the_retrieved_rules_most_relevant_first() -> None:
     backend = FakeBackend(scripts=[Script(answer("deny", ["GK-04"], []))])
     body = sample_request()
     del body["evidence"]
-    async with fake_app({"edge": backend}, retrieval_top_k=3, whole_pack_max_items=0) as client:
+    async with fake_app({"edge": backend}, retrieval_top_k=3) as client:
         response = await client.post("/evaluate", json=body)
     assert response.status_code == 200
     ids = backend.requests[0].constraint.schema["properties"]["evidence"]["items"]["enum"]
