@@ -86,8 +86,14 @@ def from_response(record: Record, pack: PolicyPack, answer: EvaluateResponse) ->
 
 
 async def run_gatekeeper(
-    records: list[Record], tier: str, args: argparse.Namespace, pack: PolicyPack
+    records: list[Record],
+    tier: str,
+    args: argparse.Namespace,
+    pack: PolicyPack,
+    path: str = "configured",
 ) -> list[Case]:
+    """The pipeline on each record. `path`: 'configured' as tiers.toml says; 'generation'
+    with the tier's probe turned off; 'probe' requires one."""
     bodies = [
         r.request.model_copy(
             update={"tier": tier, "explain": args.explain, "latency_budget_ms": args.budget_ms}
@@ -95,7 +101,7 @@ async def run_gatekeeper(
         for r in records
     ]
     cases = []
-    bar = tqdm(total=len(records), desc=f"{tier}/gatekeeper", unit="case")
+    bar = tqdm(total=len(records), desc=f"{tier}/{path}", unit="case")
     if args.url:
         from service.client import AsyncGatekeeperClient
 
@@ -111,12 +117,18 @@ async def run_gatekeeper(
         from service.tiers import TierPool
 
         settings = load_settings(load_tiers=[tier], warmup=False)
+        if path == "generation":
+            settings.tiers[tier] = settings.tiers[tier].model_copy(update={"probe": None})
+        elif path == "probe" and settings.tiers[tier].probe is None:
+            raise SystemExit(f"tier {tier} has no probe configured")
         metrics = Metrics()
         pool = TierPool(settings, metrics)
         await pool.load_all()
         loaded = pool.get(tier)
         if loaded.state != "loaded":
             raise SystemExit(f"tier {tier} is {loaded.state}: {loaded.detail}")
+        if path == "probe" and loaded.probes is None:
+            raise SystemExit(f"tier {tier}: {loaded.detail}")
         gatekeeper = Gatekeeper(settings, pool, PolicyLibrary(settings.policy_dirs), metrics)
         try:
             for record, body in zip(records, bodies, strict=True):
@@ -199,6 +211,12 @@ async def main() -> None:
     parser.add_argument("--tiers", default="edge", help="comma-separated tier names")
     parser.add_argument("--plain", action="store_true", help="also run the plain-prompt baseline")
     parser.add_argument("--no-gatekeeper", dest="gatekeeper", action="store_false")
+    parser.add_argument(
+        "--paths",
+        default="configured",
+        help="in-process: comma-separated decision paths to run side by side on each tier: "
+        "configured (as tiers.toml says), generation (probe off), probe",
+    )
     parser.add_argument("--no-explain", dest="explain", action="store_false")
     parser.add_argument("--url", help="evaluate against a running server instead of in-process")
     parser.add_argument("--budget-ms", type=int, default=600_000)
@@ -226,7 +244,9 @@ async def main() -> None:
     started = time.time()
     for tier in [t for t in args.tiers.split(",") if t]:
         if args.gatekeeper:
-            runs[f"{tier}/gatekeeper"] = await run_gatekeeper(records, tier, args, pack)
+            for path in [p for p in args.paths.split(",") if p]:
+                name = f"{tier}/gatekeeper" if path == "configured" else f"{tier}/{path}"
+                runs[name] = await run_gatekeeper(records, tier, args, pack, path)
         if args.plain:
             runs[f"{tier}/plain"] = run_plain(records, tier, pack)
     results = {name: summary(cases) for name, cases in runs.items()}

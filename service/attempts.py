@@ -10,12 +10,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.backends.base import ChoicePolicy, Finish, Generation, GenerationRequest
-from service.errors import BackendError
+from service.backends.base import (
+    ChoicePolicy,
+    Finish,
+    Generation,
+    GenerationRequest,
+    HiddenStateReader,
+)
+from service.errors import BackendDeadlineError, BackendError
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopDetector, LoopVerdict
+from service.probes import ProbeSet
 from service.prompt import BuiltPrompt, ContextOverflowError, build_prompt
-from service.schemas import DegradedReason, EvaluateRequest, EvidenceItem, LoopAction, LoopReport
+from service.schemas import (
+    Decision,
+    DegradedReason,
+    EvaluateRequest,
+    EvidenceItem,
+    LoopAction,
+    LoopReport,
+)
 from service.settings import Settings
 from service.telemetry import Metrics
 from service.tiers import Tier
@@ -60,6 +74,8 @@ class Outcome:
     generation: Generation
     queue_s: float
     loops: list[LoopReport] = field(default_factory=list)
+    decided_by: str = "generation"
+    allow_at: float | None = None  # the least P(allow) for an allow on this path (None: tier's)
 
 
 def _report(tier: Tier, verdict: LoopVerdict, action: LoopAction) -> LoopReport:
@@ -70,6 +86,37 @@ def _report(tier: Tier, verdict: LoopVerdict, action: LoopAction) -> LoopReport:
         detail=verdict.detail,
         action=action,
     )
+
+
+def _build(
+    tier: Tier,
+    request: EvaluateRequest,
+    evidence: list[EvidenceItem],
+    settings: Settings,
+    max_prompt_tokens: int | None,
+    *,
+    roll_call: bool = False,
+) -> BuiltPrompt:
+    backend = tier.backend
+    assert backend is not None
+    limits = tier.settings
+    try:
+        return build_prompt(
+            request,
+            evidence,
+            count_tokens=backend.count_tokens,
+            max_prompt_tokens=min(
+                backend.context_size - limits.max_tokens, max_prompt_tokens or 1 << 30
+            ),
+            max_turn_chars=settings.max_turn_chars,
+            roll_call=roll_call,
+        )
+    except ContextOverflowError as exc:
+        shrunk = max_prompt_tokens is not None and max_prompt_tokens < backend.context_size
+        reason = DegradedReason.BUDGET_INFEASIBLE if shrunk else DegradedReason.INPUT_TOO_LONG
+        raise FailClosed(reason, str(exc)) from exc
+    except BackendError as exc:
+        raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
 
 
 def run_on_tier(
@@ -84,33 +131,37 @@ def run_on_tier(
     metrics: Metrics,
     max_prompt_tokens: int | None = None,
 ) -> Outcome:
-    backend = tier.backend
-    assert backend is not None
-    limits = tier.settings
-    try:
-        built = build_prompt(
-            request,
-            evidence,
-            count_tokens=backend.count_tokens,
-            max_prompt_tokens=min(
-                backend.context_size - limits.max_tokens, max_prompt_tokens or 1 << 30
-            ),
-            max_turn_chars=settings.max_turn_chars,
-        )
-    except ContextOverflowError as exc:
-        shrunk = max_prompt_tokens is not None and max_prompt_tokens < backend.context_size
-        reason = DegradedReason.BUDGET_INFEASIBLE if shrunk else DegradedReason.INPUT_TOO_LONG
-        raise FailClosed(reason, str(exc)) from exc
-    except BackendError as exc:
-        raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
+    """The decision, citations and rationale by constrained generation."""
+    built = _build(tier, request, evidence, settings, max_prompt_tokens)
     shape = AnswerShape(
         evidence_ids=tuple(item.id for item in built.evidence),
         history_ids=built.history_ids,
-        max_cited=limits.max_cited,
-        rationale_chars=limits.rationale_chars,
-        revision_chars=limits.revision_chars,
+        max_cited=tier.settings.max_cited,
+        rationale_chars=tier.settings.rationale_chars,
+        revision_chars=tier.settings.revision_chars,
         explain=request.explain,
     )
+    answer, generation, loops = generate_answer(
+        tier, built, shape, choose, deadline, settings=settings, metrics=metrics
+    )
+    return Outcome(tier, answer, built, generation, queue_s, loops)
+
+
+def generate_answer(
+    tier: Tier,
+    built: BuiltPrompt,
+    shape: AnswerShape,
+    choose: ChoicePolicy,
+    deadline: float,
+    *,
+    settings: Settings,
+    metrics: Metrics,
+) -> tuple[ModelAnswer, Generation, list[LoopReport]]:
+    """Generate under the shape's grammar with the loop detector and the completeness check on
+    every token, verify, and re-ask once when the output is unusable and the budget allows."""
+    backend = tier.backend
+    assert backend is not None
+    limits = tier.settings
     constraint = build_constraint(shape)
     loops: list[LoopReport] = []
     last_error, last_took, last_failure = "no attempt", 0.0, "invalid"
@@ -169,7 +220,120 @@ def run_on_tier(
             )
             sampling, last_failure = dict(_INVALID_RETRY), "invalid"
             continue
-        return Outcome(tier, answer, built, generation, queue_s, loops)
+        return answer, generation, loops
     if last_failure == "loop":
         raise LoopFailure(loops)
     raise FailClosed(DegradedReason.INVALID_OUTPUT, last_error, loops)
+
+
+def probe_decision(probes: ProbeSet, p_unsafe: float) -> Decision:
+    if p_unsafe <= probes.allow_below:
+        return Decision.ALLOW
+    if p_unsafe >= probes.deny_above:
+        return Decision.DENY
+    return Decision.ESCALATE
+
+
+def run_probe_on_tier(
+    tier: Tier,
+    request: EvaluateRequest,
+    evidence: list[EvidenceItem],
+    deadline: float,
+    queue_s: float,
+    *,
+    settings: Settings,
+    metrics: Metrics,
+    max_prompt_tokens: int | None = None,
+) -> Outcome:
+    """The decision and the cited evidence from the tier's probes after one prefill; then,
+    when the request asks for an explanation and the budget allows, the rationale (and the
+    revision, if any) by constrained generation with the decision fixed. The prompt is
+    already in the KV cache, so that generation starts decoding at once."""
+    backend, probes = tier.backend, tier.probes
+    assert isinstance(backend, HiddenStateReader) and probes is not None
+    built = _build(tier, request, evidence, settings, max_prompt_tokens, roll_call=True)
+    try:
+        states = backend.hidden_states(
+            built.prompt, layers=probes.layers, marks=built.marks, deadline=deadline
+        )
+    except BackendDeadlineError as exc:
+        raise FailClosed(DegradedReason.DEADLINE, "the prefill stopped at the deadline") from exc
+    except BackendError as exc:
+        raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
+    prefill = Generation(
+        text="",
+        finish=Finish.STOP,
+        prompt_tokens=states.prompt_tokens,
+        cached_tokens=states.cached_tokens,
+        prefill_s=states.prefill_s,
+    )
+    tier.observe(prefill)
+    metrics.tokens.labels(tier.name, "prompt").inc(states.prompt_tokens)
+    at = {layer: k for k, layer in enumerate(states.layers)}
+    p_unsafe = float(probes.decision.prob(states.last[at[probes.decision.layer]]))
+    decision = probe_decision(probes, p_unsafe)
+    cited: list[str] = []
+    ids = [item.id for item in built.evidence]
+    if decision != Decision.ALLOW and probes.relevance is not None and ids:
+        relevance = probes.relevance.prob(states.marks[at[probes.relevance.layer]])
+        ranked = sorted(range(len(ids)), key=lambda j: -float(relevance[j]))
+        cited = [ids[j] for j in ranked if relevance[j] >= probes.relevance_threshold]
+        cited = cited[: tier.settings.max_cited] or [ids[ranked[0]]]
+    prefill.choice_probs = {Decision.ALLOW.value: 1.0 - p_unsafe, Decision.DENY.value: p_unsafe}
+    answer = ModelAnswer(
+        decision=decision,
+        evidence=cited,
+        rationale=(
+            f"Probe on layer {probes.decision.layer}: P(unsafe) = {p_unsafe:.2f}"
+            + (f"; applicable: {', '.join(cited)}" if cited else "")
+            + "."
+        ),
+    )
+    outcome = Outcome(
+        tier, answer, built, prefill, queue_s, decided_by="probe", allow_at=1 - probes.allow_below
+    )
+    limits = tier.settings
+    rationale_tokens = limits.rationale_chars // 3 + 16
+    if not request.explain or time.monotonic() + tier.latency.predict(
+        0, rationale_tokens, quantile=settings.latency_quantile
+    ) >= deadline:
+        return outcome
+    shape = AnswerShape(
+        evidence_ids=(),  # the probe cites; generation explains
+        history_ids=built.history_ids,
+        max_cited=limits.max_cited,
+        rationale_chars=limits.rationale_chars,
+        revision_chars=limits.revision_chars,
+    )
+    try:
+        explained, generation, loops = generate_answer(
+            tier,
+            built,
+            shape,
+            lambda _probs: decision.value,
+            deadline,
+            settings=settings,
+            metrics=metrics,
+        )
+    except LoopFailure as failure:  # the decision stands; only its explanation failed
+        outcome.loops = failure.loops
+        return outcome
+    except FailClosed as fault:
+        outcome.loops = fault.loops
+        logger.info("no rationale after the probe on %s: %s", tier.name, fault.detail)
+        return outcome
+    outcome.answer = answer.model_copy(
+        update={"history": explained.history, "rationale": explained.rationale}
+    )
+    outcome.generation = Generation(
+        text=generation.text,
+        finish=generation.finish,
+        prompt_tokens=states.prompt_tokens,
+        cached_tokens=states.cached_tokens,
+        completion_tokens=generation.completion_tokens,
+        prefill_s=states.prefill_s + generation.prefill_s,
+        decode_s=generation.decode_s,
+        choice_probs=prefill.choice_probs,
+    )
+    outcome.loops = loops
+    return outcome

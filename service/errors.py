@@ -59,6 +59,10 @@ class BackendError(GatekeeperError):
     code = "backend_error"
 
 
+class BackendDeadlineError(BackendError):
+    """The engine stopped at the request's deadline."""
+
+
 class BackendUnavailableError(BackendError):
     code = "backend_unavailable"
 

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 
-from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier
+from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier, run_probe_on_tier
 from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.prompt import PREAMBLE_CHARS, render_action
@@ -41,8 +41,12 @@ def _ms(seconds: float) -> float | None:
     return round(seconds * 1000, 1) if seconds < float("inf") else None
 
 
-def _output_tokens(rationale_chars: int, explain: bool) -> int:
-    """Upper bound the grammar puts on the answer, in tokens (decision, ids, rationale)."""
+def _output_tokens(rationale_chars: int, explain: bool, probe: bool = False) -> int:
+    """Upper bound the grammar puts on the answer, in tokens (decision, ids, rationale). A
+    probe answers after the prefill: its rationale is generated only if time is left, so
+    routing counts none."""
+    if probe:
+        return 0
     return int(rationale_chars / _CHARS_PER_TOKEN) + 48 if explain else 8
 
 
@@ -210,7 +214,11 @@ class Gatekeeper:
             if tier is None:
                 continue
             limits = tier.settings
-            out = min(limits.max_tokens, _output_tokens(limits.rationale_chars, request.explain))
+            probe = tier.probes is not None
+            out = min(
+                limits.max_tokens,
+                _output_tokens(limits.rationale_chars, request.explain, probe),
+            )
             queue_s = tier.pending * tier.latency.typical_service_s()
             q = self.settings.latency_quantile
             views.append(
@@ -255,7 +263,11 @@ class Gatekeeper:
                 continue
             out = min(
                 stronger.settings.max_tokens,
-                _output_tokens(stronger.settings.rationale_chars, request.explain),
+                _output_tokens(
+                    stronger.settings.rationale_chars,
+                    request.explain,
+                    stronger.probes is not None,
+                ),
             )
             queue_s = stronger.pending * stronger.latency.typical_service_s()
             predicted = stronger.latency.predict(
@@ -326,6 +338,17 @@ class Gatekeeper:
         max_prompt_tokens: int | None,
     ) -> Outcome:
         def job(queue_s: float) -> Outcome:
+            if tier.probes is not None:
+                return run_probe_on_tier(
+                    tier,
+                    request,
+                    evidence,
+                    deadline,
+                    queue_s,
+                    settings=self.settings,
+                    metrics=self.metrics,
+                    max_prompt_tokens=max_prompt_tokens,
+                )
             return run_on_tier(
                 tier,
                 request,
@@ -364,7 +387,8 @@ class Gatekeeper:
         by_id = {item.id: item for item in outcome.built.evidence}
         decision = answer.decision
         confidence = confidence_of(decision, gen.choice_probs)
-        if decision == Decision.ALLOW and confidence < self._threshold(tier.name):
+        threshold = outcome.allow_at if outcome.allow_at is not None else self._threshold(tier.name)
+        if decision == Decision.ALLOW and confidence < threshold:
             # an engine that picks the decision itself (a remote one) is held to the same bar
             # as one whose decision we force from the logits
             decision, confidence = Decision.ESCALATE, 1.0 - confidence
@@ -389,6 +413,7 @@ class Gatekeeper:
             loops=outcome.loops,
             timing=timing,
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
+            decided_by="probe" if outcome.decided_by == "probe" else "generation",
         )
         self._observe(tier.name, response, budget_ms)
         return response
@@ -423,6 +448,7 @@ class Gatekeeper:
             route=info,
             loops=fault.loops,
             timing=Timing(total_ms=(time.monotonic() - start) * 1000),
+            decided_by="none",
         )
         self.metrics.fail_closed.labels(tier.name, fault.reason.value).inc()
         self._observe(tier.name, response, budget_ms)
@@ -433,6 +459,7 @@ class Gatekeeper:
         if response.timing.total_ms > budget_ms:
             m.budget_misses.labels(tier).inc()
         m.requests.labels(tier, response.decision.value, str(response.degraded).lower()).inc()
+        m.decided_by.labels(tier, response.decided_by).inc()
         t = response.timing
         for stage, ms in (
             ("queue", t.queue_ms),

@@ -159,6 +159,20 @@ def render_turn(index: int, turn: Turn, limit: int) -> str:
     return f"[{index}] {turn.role}: " + ("\n".join(parts) if parts else "(empty)")
 
 
+ROLL_CALL_HEADER = f"{_MARK}Which evidence applies?"
+
+
+def roll_call_line(item: EvidenceItem) -> str:
+    """One short line per evidence item after the action, for the relevance probe: the hidden
+    state at its last token has read both the action and (through the id) the item."""
+    if isinstance(item, RuleEvidence):
+        text = item.text
+    else:
+        text = f"{item.subject} {item.predicate} {item.object}".replace("_", " ")
+    words = _neutral(" ".join(text.split()[:8]))[:60]
+    return f"[{item.id}] {words}"
+
+
 def render_action(request: EvaluateRequest) -> str:
     action = request.action
     if isinstance(action, TextAction):
@@ -173,6 +187,7 @@ class BuiltPrompt:
     evidence: tuple[EvidenceItem, ...]  # exactly the items the prompt holds
     history_ids: tuple[int, ...]  # 1-based indices of the turns the prompt holds
     trimmed: Trimmed | None
+    marks: tuple[str, ...] = ()  # the roll-call lines, one per evidence item, when asked
 
 
 class ContextOverflowError(Exception):
@@ -186,9 +201,11 @@ def build_prompt(
     count_tokens: Callable[[str], int],
     max_prompt_tokens: int,
     max_turn_chars: int,
+    roll_call: bool = False,
 ) -> BuiltPrompt:
     """Fit the request into `max_prompt_tokens`, dropping the oldest turns first, then the
-    last (least relevant) evidence items."""
+    last (least relevant) evidence items. With `roll_call`, a line per evidence item follows
+    the action (see `roll_call_line`), for the relevance probe."""
     system = ChatMessage("system", SYSTEM_PROMPT)
     head = [f"{_MARK}Agent profile\n{_quote(request.agent.profile or '(none)', max_turn_chars)}"]
     head.append(f"{_MARK}User goal\n{_quote(request.goal or '(not given)', max_turn_chars)}")
@@ -205,7 +222,13 @@ def build_prompt(
             f"the proposed action and goal need about {fixed} tokens; the context allows "
             f"{max_prompt_tokens}"
         )
-    ev_cost = [count_tokens(line) + 1 for line in ev_lines]
+    calls = [roll_call_line(item) for item in evidence] if roll_call else []
+    if calls:
+        fixed += count_tokens(ROLL_CALL_HEADER) + 2
+    ev_cost = [
+        count_tokens(line) + 1 + (count_tokens(calls[i]) + 1 if calls else 0)
+        for i, line in enumerate(ev_lines)
+    ]
     turn_cost = [count_tokens(line) + 1 for line in turns]
     keep_ev, first_turn = len(ev_lines), 0
     while (
@@ -228,6 +251,9 @@ def build_prompt(
     if kept_turns:
         sections.append(f"{_MARK}History\n" + "\n".join(kept_turns))
     sections.append(action)
+    marks = tuple(calls[:keep_ev])
+    if marks:
+        sections.append(ROLL_CALL_HEADER + "\n" + "\n".join(marks))
     user = ChatMessage("user", "\n\n".join(sections))
     dropped = Trimmed(history_turns=first_turn, evidence_items=len(ev_lines) - keep_ev)
     return BuiltPrompt(
@@ -238,4 +264,5 @@ def build_prompt(
         evidence=tuple(evidence[:keep_ev]),
         history_ids=tuple(range(first_turn + 1, len(turns) + 1)),
         trimmed=dropped if first_turn or keep_ev < len(ev_lines) else None,
+        marks=marks,
     )

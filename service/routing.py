@@ -31,6 +31,13 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def _decode_tps(obs: list[Observation], quantile: float) -> float:
+    """Decode speed at the quantile of slowness over the observations that decoded (none:
+    infinitely fast, so that only prefill counts until a generation is seen)."""
+    speeds = [o.decode_tps for o in obs if not math.isnan(o.decode_tps)]
+    return _quantile(speeds, 1 - quantile) if speeds else math.inf
+
+
 class LatencyModel:
     def __init__(self, window: int = 64, max_age_s: float = 600.0) -> None:
         self._obs: deque[Observation] = deque(maxlen=window)
@@ -47,13 +54,17 @@ class LatencyModel:
         now: float | None = None,
     ) -> None:
         evaluated = max(1, prompt_tokens - cached_tokens)
-        if prefill_s <= 0 or completion_tokens < 2 or decode_s <= 0:
-            return  # too short to say anything about speed
+        if prefill_s <= 0:
+            return  # nothing to say about speed
+        # a prefill-only answer (a probe) says nothing about decode speed
+        decoded = completion_tokens >= 2 and decode_s > 0
+        if not decoded and evaluated < 16:
+            return
         self._obs.append(
             Observation(
                 at=time.monotonic() if now is None else now,
                 prefill_tps=evaluated / prefill_s,
-                decode_tps=(completion_tokens - 1) / decode_s,
+                decode_tps=(completion_tokens - 1) / decode_s if decoded else math.nan,
                 miss_ratio=evaluated / max(prompt_tokens, 1),
                 service_s=prefill_s + decode_s,
             )
@@ -84,9 +95,8 @@ class LatencyModel:
         if not obs:
             return 0.0
         prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
-        decode = _quantile([o.decode_tps for o in obs], 1 - quantile)
         miss = _quantile([o.miss_ratio for o in obs], quantile)
-        return queue_s + prompt_tokens * miss / prefill + output_tokens / decode
+        return queue_s + prompt_tokens * miss / prefill + output_tokens / _decode_tps(obs, quantile)
 
     def typical_service_s(self, now: float | None = None) -> float:
         obs = self._recent(now)
@@ -100,9 +110,8 @@ class LatencyModel:
         if not obs:
             return 1 << 30
         prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
-        decode = _quantile([o.decode_tps for o in obs], 1 - quantile)
         miss = _quantile([o.miss_ratio for o in obs], quantile)
-        spare = seconds - output_tokens / decode
+        spare = seconds - output_tokens / _decode_tps(obs, quantile)
         return max(0, int(spare * prefill / max(miss, 1e-3)))
 
 

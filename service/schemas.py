@@ -220,6 +220,12 @@ class EvaluateResponse(BaseModel):
     )
     timing: Timing = Field(default_factory=Timing)
     usage: Usage = Field(default_factory=Usage)
+    decided_by: Literal["generation", "probe", "none"] = Field(
+        default="generation",
+        description="What produced the decision: the model's constrained generation (the "
+        "decision read from its logits), a trained probe on its hidden states (the rationale, "
+        "if any, generated afterwards), or nothing (a fail-closed answer).",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -94,6 +94,13 @@ class TierSettings(_Section):
     max_queue: int = Field(
         default=4, ge=1, le=1024, description="Requests waiting or running on the tier, at most."
     )
+    probe: Path | None = Field(
+        default=None,
+        description="A trained probe file (models/probes/*.json, relative paths from the "
+        "project root): the tier decides and cites from its model's hidden states after one "
+        "prefill, and generates only the rationale. llama_cpp tiers only; a probe trained for "
+        "another model or prompt is refused (the tier then decides by generation).",
+    )
     # Remote and MLX engines (backend = "openai" / "mlx"); see docs/backends.md.
     base_url: str | None = Field(
         default=None,
@@ -129,6 +136,19 @@ class TierSettings(_Section):
     mlx_model: str | None = Field(
         default=None, description="mlx: a local mlx-lm model folder (or a hub id mlx-lm knows)."
     )
+
+    @field_validator("probe", mode="before")
+    @classmethod
+    def _no_probe(cls, value: object) -> object:
+        # GATEKEEPER_TIERS__EDGE__PROBE=none (or empty) turns a configured probe off
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @property
+    def probe_path(self) -> Path | None:
+        if self.probe is None:
+            return None
+        path = self.probe.expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
 
     @model_validator(mode="after")
     def _engine_named(self) -> TierSettings:

@@ -18,6 +18,12 @@ class Metrics:
             ["tier", "decision", "degraded"],
             registry=r,
         )
+        self.decided_by = Counter(
+            "gatekeeper_decided_by",
+            "Answers by what produced the decision: generation, probe, or none (fail-closed).",
+            ["tier", "path"],
+            registry=r,
+        )
         self.fail_closed = Counter(
             "gatekeeper_fail_closed",
             "Fail-closed (degraded) answers, by reason.",

@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from service.backends import create_backend
-from service.backends.base import Backend, ChatMessage, Generation, GenerationRequest, Prompt
-from service.errors import GatekeeperError, UnknownTierError
+from service.backends.base import (
+    Backend,
+    ChatMessage,
+    Generation,
+    GenerationRequest,
+    HiddenStateReader,
+    Prompt,
+)
+from service.errors import ConfigurationError, GatekeeperError, UnknownTierError
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.probes import ProbeMismatchError, ProbeSet
 from service.prompt import SYSTEM_PROMPT
 from service.routing import LatencyModel
 from service.schemas import TierStatus
@@ -44,6 +52,7 @@ class Tier:
     state: TierState = "loading"
     detail: str | None = None
     pending: int = 0  # admitted requests waiting or running; counted by the pipeline
+    probes: ProbeSet | None = None  # the tier decides through these when set
     latency: LatencyModel = field(default_factory=LatencyModel)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier")
@@ -118,15 +127,39 @@ class TierPool:
             tier.backend.load()
             if self._settings.warmup:
                 self._warm_up(tier, tier.backend)
+            self._attach_probes(tier, tier.backend)
         except GatekeeperError as exc:
             missing = "not installed" in exc.message or "not found" in exc.message
             tier.state = "unavailable" if missing else "failed"
             tier.detail = exc.message
             logger.warning("tier %s %s: %s", tier.name, tier.state, exc.message)
             return
-        tier.state, tier.detail = "loaded", None
+        tier.state = "loaded"
+        if tier.detail is None or not tier.detail.startswith("probe refused"):
+            tier.detail = None
         self._metrics.model_loaded.labels(tier.name, tier.model or "").set(1)
         logger.info("tier %s loaded %s", tier.name, tier.model)
+
+    def _attach_probes(self, tier: Tier, backend: Backend) -> None:
+        """Load the tier's probe and check that it was trained for this very model and prompt;
+        refuse it otherwise (the tier then decides by generation, and says why)."""
+        path = tier.settings.probe_path
+        tier.probes = None
+        if path is None:
+            return
+        try:
+            if not isinstance(backend, HiddenStateReader):
+                raise ConfigurationError(f"backend {backend.engine} cannot read hidden states")
+            probes = ProbeSet.load(path)
+            probes.check(backend.model_sha256)
+            if max(probes.layers) >= backend.n_layers - 1:
+                raise ProbeMismatchError(f"probe layers {probes.layers} exceed the model's")
+        except GatekeeperError as exc:
+            tier.detail = f"probe refused: {exc.message}"
+            logger.error("tier %s: %s", tier.name, tier.detail)
+            return
+        tier.probes = probes
+        logger.info("tier %s decides through probe %s", tier.name, path.name)
 
     def _warm_up(self, tier: Tier, backend: Backend) -> None:
         """One short generation, to seed the tier's latency model before the first request."""

@@ -62,6 +62,9 @@ class ModelStore:
             raise ModelStoreError("tier names no model")
         return tier.model, self.resolve(tier.model)
 
+    def source(self, name: str) -> ModelSource | None:
+        return self._settings.models.get(name)
+
     def resolve(self, name: str) -> Path:
         source = self._settings.models.get(name)
         if source is None:

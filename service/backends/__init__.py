@@ -17,6 +17,7 @@ def _llama_cpp(tier: TierSettings, store: ModelStore) -> Backend:
     from service.backends.llama_cpp import LlamaCppBackend
 
     model, path = store.resolve_tier(tier)
+    source = store.source(model)
     return LlamaCppBackend(
         model,
         path,
@@ -24,6 +25,8 @@ def _llama_cpp(tier: TierSettings, store: ModelStore) -> Backend:
         n_threads=tier.n_threads,
         n_batch=tier.n_batch,
         chat_template=tier.chat_template,
+        hidden_states=tier.probe is not None,
+        sha256=tier.model_sha256 or (source.sha256 if source else None),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,22 @@ class Generation:
     choice_probs: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class HiddenStates:
+    """The residual stream after chosen layers, read during one prefill (no token generated).
+
+    `last[k]` is layer `layers[k]` at the prompt's last token; `marks[k][j]` the same layer at
+    the last token of the j-th marked span (see `HiddenStateReader.hidden_states`)."""
+
+    layers: tuple[int, ...]
+    last: Any  # numpy array (len(layers), n_embd)
+    marks: Any  # numpy array (len(layers), len(marks), n_embd)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefill_s: float = 0.0
+    choice_probs: dict[str, float] = field(default_factory=dict)
+
+
 class Backend(Protocol):
     """One loaded model behind one engine. Not thread-safe: callers serialise `generate`."""
 
@@ -101,3 +117,28 @@ class Backend(Protocol):
     def health(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HiddenStateReader(Protocol):
+    """A backend that can read its model's hidden states during prefill (for trained probes).
+    After the call the prompt is in the KV cache, so a `generate` on the same prompt that
+    follows starts decoding at once."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def model_sha256(self) -> str:
+        """The model file's sha256: a probe is refused unless it was trained on this one."""
+        ...
+
+    def hidden_states(
+        self,
+        prompt: Prompt,
+        *,
+        layers: tuple[int, ...],
+        marks: tuple[str, ...] = (),
+        choices: tuple[str, ...] = (),
+        deadline: float | None = None,
+    ) -> HiddenStates: ...

@@ -8,8 +8,10 @@ completion, never a silently guessed template."""
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from service.backends.base import (
     Finish,
     Generation,
     GenerationRequest,
+    HiddenStates,
     Prompt,
     TokenHook,
 )
@@ -28,12 +31,15 @@ from service.backends.chat import (
     slotted_messages,
     tokenize_slotted,
 )
-from service.errors import BackendError, BackendUnavailableError
+from service.errors import BackendDeadlineError, BackendError, BackendUnavailableError
+from service.probes import model_sha256
 
 try:  # an import guard: a missing engine must not break the other backends
     import llama_cpp
     import numpy as np
     from llama_cpp import Llama, LogitsProcessorList, StoppingCriteriaList
+    from llama_cpp import _internals as llama_internals
+    from llama_cpp._ggml import libggml
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from llama_cpp.llama_grammar import LlamaGrammar
 
@@ -42,6 +48,39 @@ except ImportError as exc:  # pragma: no cover - exercised only where llama-cpp-
     _ENGINE_ERROR = str(exc)
 
 logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _ggml() -> Any:
+    """The three ggml functions that read a tensor in llama.cpp's eval callback."""
+    libggml.ggml_get_name.restype = ctypes.c_char_p
+    libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+    libggml.ggml_nbytes.restype = ctypes.c_size_t
+    libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    libggml.ggml_backend_tensor_get.restype = None
+    libggml.ggml_backend_tensor_get.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+    ]
+    return libggml
+
+
+@dataclass
+class _Capture:
+    """What the eval callback copies out during one prefill: for each wanted layer output
+    ("l_out-N", the residual stream after block N), the rows of the wanted positions."""
+
+    names: dict[bytes, int]  # tensor name -> row in `out`
+    positions: list[int]  # absolute token positions, in the order of `out`'s second axis
+    start: int  # absolute position of the first evaluated token
+    n_embd: int
+    out: Any = None
+    seen: dict[int, int] = field(default_factory=dict)  # layer row -> tokens seen so far
+
+    def __post_init__(self) -> None:
+        self.out = np.zeros((len(self.names), len(self.positions), self.n_embd), np.float32)
 
 
 @lru_cache(maxsize=64)
@@ -61,6 +100,8 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         n_batch: int = 512,
         chat_template: str = "auto",
+        hidden_states: bool = False,
+        sha256: str | None = None,
     ) -> None:
         if _ENGINE_ERROR is not None:
             raise BackendUnavailableError(f"llama-cpp-python is not installed: {_ENGINE_ERROR}")
@@ -76,6 +117,13 @@ class LlamaCppBackend:
         self._choice_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
         self._abort_at = float("inf")
         self._abort_cb: Any = None
+        # llama.cpp calls the eval callback for every graph node of every evaluation, so it is
+        # installed only for tiers that read hidden states (a probe), and does nothing unarmed
+        self._read_hidden = hidden_states
+        self._sha256 = sha256
+        self._eval_cb: Any = None
+        self._capture: _Capture | None = None
+        self._own_ctx: Any = None
 
     @property
     def context_size(self) -> int:
@@ -102,6 +150,8 @@ class LlamaCppBackend:
                 add_generation_prompt=True,
             )
         self._bos = llm.tokenize(b"", add_bos=True, special=True)
+        if self._read_hidden:
+            self._install_eval_callback(llm)
         # Prefill cannot be interrupted from Python between tokens: llama.cpp's abort callback
         # stops it inside the graph at the deadline. It is installed only during prefill,
         # because ggml calls it for every graph node.
@@ -109,6 +159,134 @@ class LlamaCppBackend:
             lambda _data: time.monotonic() >= self._abort_at
         )
         logger.info("loaded %s from %s (chat template: %s)", self.model, self._path, bool(template))
+
+    def _install_eval_callback(self, llm: Any) -> None:
+        """Rebuild the context with an eval callback: llama.cpp takes it only at creation."""
+        ggml = _ggml()
+        row_bytes = 4 * llm.n_embd()
+
+        def on_tensor(tensor: int, ask: bool, _data: Any) -> bool:
+            capture = self._capture
+            if capture is None:
+                return False  # unarmed: the whole graph runs as one piece
+            row = capture.names.get(ggml.ggml_get_name(tensor))
+            if ask or row is None:
+                return row is not None
+            rows = ggml.ggml_nbytes(tensor) // row_bytes
+            first = capture.start + capture.seen.get(row, 0)
+            capture.seen[row] = capture.seen.get(row, 0) + rows
+            for j, pos in enumerate(capture.positions):
+                if first <= pos < first + rows:
+                    dst = capture.out[row, j].ctypes.data
+                    ggml.ggml_backend_tensor_get(tensor, dst, (pos - first) * row_bytes, row_bytes)
+            return True
+
+        self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(on_tensor)
+        params = llm.context_params
+        params.cb_eval = self._eval_cb
+        params.cb_eval_user_data = None
+        ctx = llama_internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        old, llm._ctx = llm._ctx, ctx
+        old.close()
+        self._own_ctx = ctx
+
+    @property
+    def model_sha256(self) -> str:
+        return model_sha256(self._path, self._sha256)
+
+    @property
+    def n_layers(self) -> int:
+        return int(llama_cpp.llama_model_n_layer(self._require()._model.model))
+
+    def _mark_positions(self, tokens: list[int], marks: tuple[str, ...]) -> list[int]:
+        """The token position that ends each mark, the marks being found in order at the end
+        of the prompt (after the last occurrence of the first one)."""
+        if not marks:
+            return []
+        llm = self._require()
+        ends: list[int] = []  # byte offset, from the start of `tail`, where each token ends
+        tail = b""
+        for token in reversed(tokens):
+            tail = bytes(llm.detokenize([token], special=True)) + tail
+            ends.append(len(tail))
+            if marks[0].encode() in tail:  # the last occurrence is now in the tail
+                break
+        cuts = [len(tail) - e for e in reversed(ends)]  # token k of the tail starts at cuts[k]
+        first_tok = len(tokens) - len(cuts)
+        at = tail.rfind(marks[0].encode())
+        positions = []
+        for mark in marks:
+            found = tail.find(mark.encode(), at)
+            if found < 0 or at < 0:
+                raise BackendError(f"mark {mark!r} is not in the prompt")
+            end = found + len(mark.encode()) - 1  # the mark's last byte
+            k = max(i for i, c in enumerate(cuts) if c <= end)
+            positions.append(first_tok + k)
+            at = found + len(mark.encode())
+        return positions
+
+    def hidden_states(
+        self,
+        prompt: Prompt,
+        *,
+        layers: tuple[int, ...],
+        marks: tuple[str, ...] = (),
+        choices: tuple[str, ...] = (),
+        deadline: float | None = None,
+    ) -> HiddenStates:
+        llm = self._require()
+        if self._eval_cb is None:
+            raise BackendError(f"{self.model} was loaded without hidden-state reading")
+        last_layer = self.n_layers - 1
+        if any(not 0 <= layer < last_layer for layer in layers):
+            # llama.cpp keeps only the output rows in the last block
+            raise BackendError(f"layers must lie in 0..{last_layer - 1}, got {layers}")
+        tokens = self.tokenize_prompt(prompt)
+        check_fits(len(tokens), 1, self._n_ctx)
+        positions = [*self._mark_positions(tokens, marks), len(tokens) - 1]
+        cached = 0
+        for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
+            if have != want:
+                break
+            cached += 1
+        cached = min(cached, *positions)  # every wanted position is evaluated again
+        capture = _Capture(
+            names={f"l_out-{layer}".encode(): k for k, layer in enumerate(layers)},
+            positions=positions,
+            start=cached,
+            n_embd=llm.n_embd(),
+        )
+        start = time.monotonic()
+        llm.n_tokens = cached  # eval drops the KV cache past this point
+        try:
+            self._watch_prefill(deadline)
+            self._capture = capture
+            llm.eval(tokens[cached:])
+        except (RuntimeError, ValueError, OSError) as exc:
+            llm.n_tokens = 0  # the cache is in an unknown state
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BackendDeadlineError("prefill stopped at the deadline") from exc
+            raise BackendError(f"llama.cpp prefill failed: {exc}") from exc
+        finally:
+            self._capture = None
+            self._watch_prefill(None)
+        prefill_s = time.monotonic() - start
+        probs: dict[str, float] = {}
+        if choices:
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+            p = np.exp(logits - logits.max())
+            total = float(p.sum())
+            for word, ids in self._choices(choices).items():
+                probs[word] = float(p[ids].sum()) / total
+        return HiddenStates(
+            layers=layers,
+            last=capture.out[:, -1, :].copy(),
+            marks=capture.out[:, :-1, :].copy(),
+            prompt_tokens=len(tokens),
+            cached_tokens=cached,
+            prefill_s=prefill_s,
+            choice_probs=probs,
+        )
 
     def _watch_prefill(self, deadline: float | None) -> None:
         self._abort_at = deadline if deadline is not None else float("inf")
@@ -265,6 +443,9 @@ class LlamaCppBackend:
         return self._llm is not None
 
     def close(self) -> None:
+        if self._own_ctx is not None:
+            self._own_ctx.close()  # before the model it belongs to
+            self._own_ctx = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None

@@ -1,0 +1,511 @@
+"""Probes on hidden states (issue #9): extract features, train, report.
+
+    .venv/bin/python -m benchmarks.probes extract --tier edge [--part all] [--limit N]
+    .venv/bin/python -m benchmarks.probes train --tier edge
+    .venv/bin/python -m benchmarks.probes report --tier edge
+
+`extract` renders each ASSEBench record as the probe prompt (the service's prompt, the default
+pack whole, and a roll-call line per rule after the action), runs one prefill with llama.cpp's
+eval callback and saves, for every layer but the last, the residual stream at the prompt's last
+token and at the end of each roll-call line. Features are cached on disk, keyed by the model's
+sha256 and the probe prompt version, so training is cheap to repeat; records go in a seeded,
+label-balanced order, so an interrupted run still leaves a balanced sample.
+
+`train` fits, on the tuning part only, a logistic regression per layer for the decision (safe
+or unsafe, at the last token) and for evidence relevance (rule in the record's gold rules, at
+its roll-call line), picks each layer by 5-fold cross-validated AUC, calibrates with Platt
+scaling on out-of-fold scores, tunes the thresholds, prints every figure, plots accuracy by
+layer and writes models/probes/<model>.json. `report` scores the written probe on the
+reporting part's cached features."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.quality import DEFAULT_DATA, gold_ids
+from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
+from service.grammar import DECISIONS
+from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, model_sha256
+from service.prompt import build_prompt
+from service.records import Record, load_records, split
+from service.settings import Settings, load_settings
+from service.weights import ModelStore
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES = Path.home() / ".cache" / "gatekeeper" / "features"
+ORDER_SEED = "gatekeeper-probe-order-1"
+
+
+def balanced_order(records: list[Record]) -> list[Record]:
+    """Unsafe and safe records alternately, each label in a seeded-hash order."""
+
+    def key(r: Record) -> bytes:
+        return hashlib.sha256(f"{ORDER_SEED}:{r.id}".encode()).digest()
+
+    unsafe = sorted((r for r in records if r.unsafe), key=key)
+    safe = sorted((r for r in records if not r.unsafe), key=key)
+    out: list[Record] = []
+    for i in range(max(len(unsafe), len(safe))):
+        out += unsafe[i : i + 1] + safe[i : i + 1]
+    return out
+
+
+def interleave(a: list[Record], b: list[Record], ratio: int) -> list[Record]:
+    """`ratio` records of a for each record of b, until both run out."""
+    out: list[Record] = []
+    ia = ib = 0
+    while ia < len(a) or ib < len(b):
+        out += a[ia : ia + ratio]
+        ia += ratio
+        out += b[ib : ib + 1]
+        ib += 1
+    return out
+
+
+def tier_model(settings: Settings, tier: str) -> tuple[str, Path, str]:
+    limits = settings.tiers[tier]
+    name, path = ModelStore(settings).resolve_tier(limits)
+    known = limits.model_sha256 or (
+        settings.models[limits.model].sha256 if limits.model in settings.models else None
+    )
+    return name, path, model_sha256(path, known)
+
+
+def feature_dir(sha: str) -> Path:
+    return FEATURES / f"{sha[:16]}-{PROBE_PROMPT_VERSION}"
+
+
+def extract(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from service.backends.llama_cpp import LlamaCppBackend
+
+    settings = load_settings()
+    limits = settings.tiers[args.tier]
+    name, path, sha = tier_model(settings, args.tier)
+    out_dir = feature_dir(sha)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model.json").write_text(
+        json.dumps({"model": name, "sha256": sha, "prompt_version": PROBE_PROMPT_VERSION})
+    )
+    pack = PolicyLibrary().get(DEFAULT_PACK)
+    evidence = list(pack.items)
+    tuning, reporting = split(load_records(args.data))
+    parts = {"tuning": tuning, "report": reporting}
+    if args.part == "all":
+        records = interleave(balanced_order(tuning), balanced_order(reporting), 2)
+    else:
+        records = balanced_order(parts[args.part])
+    if args.limit:
+        records = records[: args.limit]
+    todo = [r for r in records if not (out_dir / f"{r.id}.npz").exists()]
+    print(f"{name} ({sha[:12]}): {len(records)} records, {len(todo)} to extract into {out_dir}")
+    backend = LlamaCppBackend(
+        name, path, n_ctx=limits.n_ctx, n_threads=limits.n_threads, hidden_states=True
+    )
+    backend.load()
+    layers = tuple(range(backend.n_layers - 1))
+    started = time.monotonic()
+    tokens = 0
+    done = 0
+    try:
+        for record in tqdm(todo, unit="rec"):
+            if args.max_seconds and time.monotonic() - started > args.max_seconds:
+                break  # a bounded chunk: run again to go on where this one stopped
+            built = build_prompt(
+                record.request,
+                evidence,
+                count_tokens=backend.count_tokens,
+                max_prompt_tokens=limits.n_ctx - limits.max_tokens,
+                max_turn_chars=settings.max_turn_chars,
+                roll_call=True,
+            )
+            states = backend.hidden_states(
+                built.prompt, layers=layers, marks=built.marks, choices=DECISIONS
+            )
+            tokens += states.prompt_tokens - states.cached_tokens
+            done += 1
+            np.savez(
+                out_dir / f"{record.id}.npz",
+                last=states.last.astype(np.float16),
+                marks=states.marks.astype(np.float16),
+                ids=np.array([item.id for item in built.evidence]),
+                prompt_tokens=states.prompt_tokens,
+                cached_tokens=states.cached_tokens,
+                prefill_s=states.prefill_s,
+                p_allow=states.choice_probs.get("allow", np.nan)
+                / max(sum(states.choice_probs.values()), 1e-9),
+            )
+    finally:
+        backend.close()
+    took = time.monotonic() - started
+    print(f"extracted {done} records in {took:.0f} s ({tokens / max(took, 1e-9):.0f} tok/s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# training and reporting
+
+
+def load_features(
+    sha: str, records: list[Record], pack: PolicyPack
+) -> tuple[list[Record], dict[str, Any]]:
+    """The records that have cached features, and their arrays."""
+    base = feature_dir(sha)
+    have: list[Record] = []
+    last, marks, ids, p_allow, prefill = [], [], [], [], []
+    for record in records:
+        f = base / f"{record.id}.npz"
+        if not f.exists():
+            continue
+        with np.load(f) as z:
+            have.append(record)
+            last.append(z["last"].astype(np.float32))
+            marks.append(z["marks"].astype(np.float32))
+            ids.append([str(i) for i in z["ids"]])
+            p_allow.append(float(z["p_allow"]))
+            prefill.append(float(z["prefill_s"]))
+    feats = {
+        "last": np.stack(last) if last else np.zeros((0, 0, 0)),  # (n, layers, d)
+        "marks": marks,  # list of (layers, m, d)
+        "ids": ids,
+        "p_allow": np.array(p_allow),
+        "prefill_s": np.array(prefill),
+        "gold": [set(gold_ids(r, pack)) for r in have],
+        "y": np.array([r.unsafe for r in have], dtype=int),
+    }
+    return have, feats
+
+
+C_GRID = (0.001, 0.01, 0.1)
+FOLDS = 5
+SEED = 0
+
+
+def _fit(x: Any, y: Any, c: float) -> tuple[Any, Any, Any]:
+    """(scaler, classifier, raw-logit function) fitted on x, y."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=c, max_iter=2000, random_state=SEED)
+    clf.fit(scaler.transform(x), y)
+    return scaler, clf, lambda v: clf.decision_function(scaler.transform(v))
+
+
+def out_of_fold(x: Any, y: Any, c: float, groups: Any = None) -> Any:
+    """Raw logits for every row from a model that did not see its fold (grouped by record
+    when `groups` is given, so a record's rules never straddle train and test)."""
+    from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+    scores = np.zeros(len(y))
+    if groups is None:
+        folds = StratifiedKFold(FOLDS, shuffle=True, random_state=SEED).split(x, y)
+    else:
+        folds = GroupKFold(FOLDS).split(x, y, groups)
+    for train, test in folds:
+        _, _, logit = _fit(x[train], y[train], c)
+        scores[test] = logit(x[test])
+    return scores
+
+
+def _auc(y: Any, s: Any) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def choose_layer(
+    xs: dict[int, Any], y: Any, groups: Any = None
+) -> tuple[int, float, Any, list[dict[str, Any]]]:
+    """For each layer (and C), cross-validated AUC and accuracy; the best (layer, C) and its
+    out-of-fold logits. Printed as it goes."""
+    rows = []
+    best: tuple[float, int, float, Any] = (-1.0, -1, 0.0, None)
+    for layer, x in xs.items():
+        per_c = {}
+        for c in C_GRID:
+            s = out_of_fold(x, y, c, groups)
+            per_c[c] = (_auc(y, s), s)
+        c_best = max(per_c, key=lambda k: per_c[k][0])
+        auc, s = per_c[c_best]
+        acc = float(((s > 0) == (y == 1)).mean())
+        rows.append({"layer": layer, "auc": auc, "accuracy": acc, "C": c_best})
+        print(f"  layer {layer:>2}: AUC {auc:.3f}  accuracy {100 * acc:.1f} %  (C={c_best})")
+        if auc > best[0]:
+            best = (auc, layer, c_best, s)
+    return best[1], best[2], best[3], rows
+
+
+def platt(scores: Any, y: Any) -> tuple[float, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=1e4, max_iter=1000).fit(scores.reshape(-1, 1), y)
+    return float(clf.coef_[0, 0]), float(clf.intercept_[0])
+
+
+def _sig(z: Any) -> Any:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def ece(p: Any, y: Any, bins: int = 10) -> float:
+    """Expected calibration error of P(unsafe) in equal-width bins."""
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (p >= lo) & ((p < hi) | (hi == 1.0))
+        if inside.any():
+            total += inside.mean() * abs(p[inside].mean() - y[inside].mean())
+    return float(total)
+
+
+def decision_thresholds(p: Any, y: Any, recall: float) -> tuple[float, float]:
+    """allow_below: the largest P(unsafe) cut-off that still flags `recall` of the unsafe
+    records; deny_above: the least P(unsafe) above which at least 90 % are unsafe (between
+    the two, a human decides)."""
+    unsafe = np.sort(p[y == 1])
+    k = int(np.floor((1 - recall) * len(unsafe)))
+    allow_below = float(unsafe[k] - 1e-6) if len(unsafe) else 0.5
+    deny_above = 1.0
+    for t in np.sort(np.unique(p))[::-1]:
+        if (p >= t).sum() >= 5 and y[p >= t].mean() >= 0.9:
+            deny_above = float(t)
+    return max(0.0, allow_below), max(deny_above, allow_below)
+
+
+def evidence_prf(cited: list[set[str]], gold: list[set[str]]) -> dict[str, float]:
+    hit = sum(len(c & g) for c, g in zip(cited, gold, strict=True))
+    n_cited = sum(len(c) for c in cited)
+    n_gold = sum(len(g) for g in gold)
+    prec = hit / n_cited if n_cited else 0.0
+    rec = hit / n_gold if n_gold else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"precision": prec, "recall": rec, "f1": f1}
+
+
+def cite(probs: Any, ids: list[str], threshold: float, max_cited: int) -> set[str]:
+    """The items whose relevance clears the threshold, likeliest first, and at least the
+    likeliest one (an unsafe verdict always names its best reason)."""
+    order = np.argsort(-probs)
+    chosen = [ids[i] for i in order[:max_cited] if probs[i] >= threshold]
+    return set(chosen or [ids[order[0]]])
+
+
+def relevance_rows(feats: dict[str, Any], keep: Any) -> tuple[dict[int, Any], Any, Any]:
+    """(layer -> pair features, labels, record index) over the records in `keep`."""
+    n_layers = feats["last"].shape[1]
+    xs: dict[int, list[Any]] = {layer: [] for layer in range(n_layers)}
+    y, groups = [], []
+    for i in np.flatnonzero(keep):
+        marks, ids, gold = feats["marks"][i], feats["ids"][i], feats["gold"][i]
+        for j, item in enumerate(ids):
+            for layer in range(n_layers):
+                xs[layer].append(marks[layer, j])
+            y.append(int(item in gold))
+            groups.append(i)
+    return {k: np.stack(v) for k, v in xs.items()}, np.array(y), np.array(groups)
+
+
+def train(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    name, _, sha = tier_model(settings, args.tier)
+    pack = PolicyLibrary().get(DEFAULT_PACK)
+    tuning, _ = split(load_records(args.data))
+    have, feats = load_features(sha, tuning, pack)
+    y = feats["y"]
+    print(f"{name}: tuning part, {len(have)} records with features ({y.sum()} unsafe)")
+    if len(have) < 40:
+        raise SystemExit("too few records: run `extract` first")
+    n_layers = feats["last"].shape[1]
+    stride = args.layer_stride
+    candidates = [layer for layer in range(n_layers) if layer % stride == 0 or layer == n_layers - 1]
+
+    print("\ndecision probe (last prompt token), 5-fold CV on the tuning part:")
+    xs = {layer: feats["last"][:, layer, :] for layer in candidates}
+    layer, c, oof, dec_rows = choose_layer(xs, y)
+    a, b = platt(oof, y)
+    p_oof = _sig(a * oof + b)
+    allow_below, deny_above = decision_thresholds(p_oof, y, args.recall)
+    flagged = p_oof > allow_below
+    print(
+        f"chosen layer {layer} (C={c}): out-of-fold AUC {_auc(y, oof):.3f}, ECE "
+        f"{ece(p_oof, y):.3f}; allow when P(unsafe) <= {allow_below:.3f} (recall "
+        f"{100 * flagged[y == 1].mean():.1f} %, accuracy {100 * (flagged == (y == 1)).mean():.1f} %)"
+        f", deny from {deny_above:.3f}"
+    )
+    scaler, clf, _ = _fit(xs[layer], y, c)
+    decision = LinearProbe(
+        layer=layer,
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        coef=clf.coef_[0],
+        intercept=float(clf.intercept_[0]),
+        platt_a=a,
+        platt_b=b,
+    )
+
+    print("\nrelevance probe (end of each roll-call line), unsafe records, grouped 5-fold CV:")
+    keep = np.array([bool(g) for g in feats["gold"]]) & (y == 1)
+    rxs_all, ry, groups = relevance_rows(feats, keep)
+    rxs = {k: rxs_all[k] for k in candidates}
+    r_layer, r_c, r_oof, rel_rows = choose_layer(rxs, ry, groups)
+    ra, rb = platt(r_oof, ry)
+    r_p = _sig(ra * r_oof + rb)
+    # the citation threshold that maximises out-of-fold evidence F1
+    idx = np.flatnonzero(keep)
+    best_t, best_f1 = 0.5, -1.0
+    for t in np.linspace(0.05, 0.95, 19):
+        cited, gold, at = [], [], 0
+        for i in idx:
+            m = len(feats["ids"][i])
+            cited.append(cite(r_p[at : at + m], feats["ids"][i], t, args.max_cited))
+            gold.append(feats["gold"][i])
+            at += m
+        f1 = evidence_prf(cited, gold)["f1"]
+        if f1 > best_f1:
+            best_t, best_f1 = float(t), f1
+    print(
+        f"chosen layer {r_layer} (C={r_c}): pair AUC {_auc(ry, r_oof):.3f}; cite from "
+        f"P(applies) >= {best_t:.2f}: out-of-fold evidence F1 {100 * best_f1:.1f} %"
+    )
+    r_scaler, r_clf, _ = _fit(rxs[r_layer], ry, r_c)
+    relevance = LinearProbe(
+        layer=r_layer,
+        mean=r_scaler.mean_,
+        scale=r_scaler.scale_,
+        coef=r_clf.coef_[0],
+        intercept=float(r_clf.intercept_[0]),
+        platt_a=ra,
+        platt_b=rb,
+    )
+    probes = ProbeSet(
+        model=name,
+        model_sha256=sha,
+        prompt_version=PROBE_PROMPT_VERSION,
+        decision=decision,
+        relevance=relevance,
+        allow_below=allow_below,
+        deny_above=deny_above,
+        relevance_threshold=best_t,
+        trained={
+            "data": args.data.name,
+            "part": "tuning",
+            "records": len(have),
+            "unsafe": int(y.sum()),
+            "seed": SEED,
+            "folds": FOLDS,
+            "target_recall": args.recall,
+            "decision_by_layer": dec_rows,
+            "relevance_by_layer": rel_rows,
+            "at": time.strftime("%Y-%m-%d"),
+        },
+    )
+    out = ROOT / "models" / "probes" / f"{name}.json"
+    probes.save(out)
+    print(f"\nwrote {out.relative_to(ROOT)} ({out.stat().st_size // 1024} KB)")
+    plot_layers(name, dec_rows, rel_rows, ROOT / "docs" / "img" / f"probe-layers-{args.tier}.png")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Score the written probe on the reporting part's cached features, beside the decision
+    the generation path reads from the same prefill's logits (P(allow) at the decision)."""
+    settings = load_settings()
+    name, _, sha = tier_model(settings, args.tier)
+    probes = ProbeSet.load(ROOT / "models" / "probes" / f"{name}.json")
+    probes.check(sha)
+    pack = PolicyLibrary().get(DEFAULT_PACK)
+    _, reporting = split(load_records(args.data))
+    have, feats = load_features(sha, reporting, pack)
+    y = feats["y"]
+    print(f"{name}: reporting part, {len(have)} records with features ({y.sum()} unsafe)")
+    p_probe = probes.decision.prob(feats["last"][:, probes.decision.layer, :])
+    p_logit = 1.0 - feats["p_allow"]
+    threshold = settings.tiers[args.tier].allow_threshold or settings.allow_threshold
+    rows = {
+        "probe": (p_probe, p_probe > probes.allow_below),
+        f"logits, P(allow) >= {threshold}": (p_logit, p_logit > 1 - threshold),
+        "logits, P(allow) >= 0.5": (p_logit, p_logit > 0.5),
+    }
+    print(f"\n{'decision read':<30}{'acc%':>7}{'rec%':>7}{'prec%':>7}{'AUC':>7}{'ECE':>7}")
+    figures: dict[str, Any] = {}
+    for label, (p, flagged) in rows.items():
+        acc = float((flagged == (y == 1)).mean())
+        rec = float(flagged[y == 1].mean())
+        prec = float(y[flagged].mean()) if flagged.any() else 0.0
+        figures[label] = {"accuracy": acc, "recall": rec, "precision": prec, "auc": _auc(y, p)}
+        figures[label]["ece"] = ece(p, y)
+        print(
+            f"{label:<30}{100 * acc:>7.1f}{100 * rec:>7.1f}{100 * prec:>7.1f}"
+            f"{_auc(y, p):>7.3f}{ece(p, y):>7.3f}"
+        )
+    if probes.relevance is not None:
+        rel = probes.relevance
+        cited, gold = [], []
+        for i in np.flatnonzero((y == 1) & np.array([bool(g) for g in feats["gold"]])):
+            probs = rel.prob(feats["marks"][i][rel.layer])
+            cited.append(cite(probs, feats["ids"][i], probes.relevance_threshold, args.max_cited))
+            gold.append(feats["gold"][i])
+        ev = evidence_prf(cited, gold)
+        figures["evidence"] = ev
+        print(
+            f"\nevidence (probe, {len(gold)} unsafe records with gold rules): precision "
+            f"{100 * ev['precision']:.1f} %, recall {100 * ev['recall']:.1f} %, "
+            f"F1 {100 * ev['f1']:.1f} %"
+        )
+    print(f"prefill p50 {np.median(feats['prefill_s']):.2f} s per record (probe path, uncached part)")
+    out = ROOT / "bench-results" / "probes"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+
+
+def plot_layers(name: str, dec: list[dict[str, Any]], rel: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot([r["layer"] for r in dec], [r["accuracy"] for r in dec], "o-", label="decision accuracy")
+    ax.plot([r["layer"] for r in dec], [r["auc"] for r in dec], "s--", label="decision AUC")
+    ax.plot([r["layer"] for r in rel], [r["auc"] for r in rel], "^:", label="evidence relevance AUC")
+    ax.set_xlabel("layer (output of block N)")
+    ax.set_ylabel("5-fold CV, tuning part")
+    ax.set_ylim(0.4, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Linear probes by layer: {name}", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("command", choices=["extract", "train", "report"])
+    parser.add_argument("--tier", default="edge")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--part", choices=["tuning", "report", "all"], default="all")
+    parser.add_argument("--limit", type=int, default=0, help="extract at most this many records")
+    parser.add_argument(
+        "--max-seconds", type=float, default=0, help="extract: stop after this long (0: never)"
+    )
+    parser.add_argument("--recall", type=float, default=0.95, help="target unsafe recall")
+    parser.add_argument("--max-cited", type=int, default=4)
+    parser.add_argument("--layer-stride", type=int, default=1, help="train every Nth layer")
+    args = parser.parse_args()
+    {"extract": extract, "train": train, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

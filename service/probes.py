@@ -1,0 +1,162 @@
+"""Trained linear probes on a model's hidden states: the decision (is this action unsafe?)
+and evidence relevance (does this item apply to this action?), read from one prefill.
+
+A probe file is small JSON under `models/probes/`, written by `benchmarks/probes.py`. It names
+the model (sha256), the layer and the prompt version it was trained for; the service refuses a
+probe whose model or prompt differs, because its weights mean nothing for another model.
+Serving needs numpy only (it comes with llama-cpp-python); scikit-learn is for training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigurationError
+from service.prompt import PROMPT_VERSION
+from service.weights import sha256_file
+
+PROBE_FORMAT = 1
+# The prompt the probes read: the generation prompt plus the evidence roll-call.
+PROBE_PROMPT_VERSION = f"{PROMPT_VERSION}+rollcall1"
+
+
+class ProbeMismatchError(ConfigurationError):
+    """The probe was trained for another model or prompt."""
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """Standardise, then logistic regression, then Platt scaling fitted on held-out folds."""
+
+    layer: int
+    mean: Any  # numpy arrays, shape (n_embd,)
+    scale: Any
+    coef: Any
+    intercept: float
+    platt_a: float = 1.0
+    platt_b: float = 0.0
+
+    def score(self, x: Any) -> Any:
+        """The raw logit, for one vector or a matrix of row vectors."""
+        return ((x - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def prob(self, x: Any) -> Any:
+        import numpy as np
+
+        z = self.platt_a * self.score(x) + self.platt_b
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "mean": [round(float(v), 6) for v in self.mean],
+            "scale": [round(float(v), 6) for v in self.scale],
+            "coef": [round(float(v), 6) for v in self.coef],
+            "intercept": float(self.intercept),
+            "platt_a": float(self.platt_a),
+            "platt_b": float(self.platt_b),
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> LinearProbe:
+        import numpy as np
+
+        return cls(
+            layer=int(raw["layer"]),
+            mean=np.asarray(raw["mean"], np.float32),
+            scale=np.asarray(raw["scale"], np.float32),
+            coef=np.asarray(raw["coef"], np.float32),
+            intercept=float(raw["intercept"]),
+            platt_a=float(raw.get("platt_a", 1.0)),
+            platt_b=float(raw.get("platt_b", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """The probes for one model and prompt, with the thresholds tuned with them."""
+
+    model: str
+    model_sha256: str
+    prompt_version: str
+    decision: LinearProbe
+    relevance: LinearProbe | None
+    # allow when P(unsafe) <= allow_below; deny when P(unsafe) >= deny_above; else escalate
+    allow_below: float
+    deny_above: float
+    relevance_threshold: float
+    trained: dict[str, Any]  # how and on what it was trained, and its figures
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        wanted = {self.decision.layer}
+        if self.relevance is not None:
+            wanted.add(self.relevance.layer)
+        return tuple(sorted(wanted))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PROBE_FORMAT,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "prompt_version": self.prompt_version,
+            "allow_below": self.allow_below,
+            "deny_above": self.deny_above,
+            "relevance_threshold": self.relevance_threshold,
+            "trained": self.trained,
+            "decision": self.decision.to_json(),
+            "relevance": self.relevance.to_json() if self.relevance else None,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ProbeSet:
+        try:
+            raw = json.loads(path.read_text("utf-8"))
+            if raw.get("format") != PROBE_FORMAT:
+                raise ConfigurationError(f"{path}: probe format {raw.get('format')!r} unknown")
+            return cls(
+                model=str(raw["model"]),
+                model_sha256=str(raw["model_sha256"]),
+                prompt_version=str(raw["prompt_version"]),
+                decision=LinearProbe.from_json(raw["decision"]),
+                relevance=LinearProbe.from_json(raw["relevance"]) if raw["relevance"] else None,
+                allow_below=float(raw["allow_below"]),
+                deny_above=float(raw["deny_above"]),
+                relevance_threshold=float(raw["relevance_threshold"]),
+                trained=dict(raw.get("trained") or {}),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(f"cannot read probe {path}: {exc}") from exc
+
+    def check(self, model_sha256: str) -> None:
+        """Refuse a probe trained for another model or prompt."""
+        if self.model_sha256 != model_sha256:
+            raise ProbeMismatchError(
+                f"probe for {self.model} (sha256 {self.model_sha256[:12]}) does not match the "
+                f"tier's model (sha256 {model_sha256[:12]})"
+            )
+        if self.prompt_version != PROBE_PROMPT_VERSION:
+            raise ProbeMismatchError(
+                f"probe trained on prompt {self.prompt_version}, the service renders "
+                f"{PROBE_PROMPT_VERSION}; train it again (benchmarks/probes.py)"
+            )
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def model_sha256(path: Path, known: str | None = None) -> str:
+    """The model file's sha256: the catalogue's (already verified) or computed once."""
+    if known:
+        return known
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)

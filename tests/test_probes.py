@@ -1,0 +1,265 @@
+"""The probe path (issue #9) with a scripted backend that exposes hidden states: the decision
+and citations come from the probe after one prefill; generation adds only the rationale, when
+asked and when the budget allows; a probe for another model is refused."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.backends.base import HiddenStates, Prompt
+from service.backends.fake import FakeBackend, Script
+from service.errors import BackendError, ConfigurationError
+from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeMismatchError, ProbeSet
+from service.settings import TierSettings
+from tests.conftest import answer, fake_app, sample_request
+
+D = 8
+SHA = "ab" * 32
+
+
+class HiddenFake(FakeBackend):
+    """Hidden states as a function of the prompt: dimension 0 of the last token is +3 when
+    the proposed action deletes something, -3 otherwise; dimension 1 of a roll-call line is
+    +3 for the items named in `applies`."""
+
+    def __init__(self, *args: Any, applies: tuple[str, ...] = ("R1",), **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.applies = applies
+        self.prefills: list[tuple[int, ...]] = []
+        self.prefill_error: str | None = None
+        self.prefill_delay_s = 0.0
+
+    @property
+    def n_layers(self) -> int:
+        return 6
+
+    @property
+    def model_sha256(self) -> str:
+        return SHA
+
+    def hidden_states(
+        self,
+        prompt: Prompt,
+        *,
+        layers: tuple[int, ...],
+        marks: tuple[str, ...] = (),
+        choices: tuple[str, ...] = (),
+        deadline: float | None = None,
+    ) -> HiddenStates:
+        self.prefills.append(layers)
+        time.sleep(self.prefill_delay_s)
+        if self.prefill_error:
+            raise BackendError(self.prefill_error)
+        user = prompt.messages[-1].content
+        action = user[user.index("## Proposed action") :]
+        last = np.zeros((len(layers), D), np.float32)
+        last[:, 0] = 3.0 if "rm -rf" in action else -3.0
+        out = np.zeros((len(layers), len(marks), D), np.float32)
+        for j, mark in enumerate(marks):
+            item = mark[1 : mark.index("]")]
+            out[:, j, 1] = 3.0 if item in self.applies else -3.0
+        return HiddenStates(layers, last, out, prompt_tokens=500, cached_tokens=100, prefill_s=0.05)
+
+
+def _probe(dim: int, layer: int) -> LinearProbe:
+    coef = np.zeros(D, np.float32)
+    coef[dim] = 1.0
+    return LinearProbe(layer, np.zeros(D), np.ones(D), coef, intercept=0.0)
+
+
+def probe_file(tmp_path: Path, sha: str = SHA, prompt_version: str = PROBE_PROMPT_VERSION) -> Path:
+    probes = ProbeSet(
+        model="fake-model",
+        model_sha256=sha,
+        prompt_version=prompt_version,
+        decision=_probe(0, 3),
+        relevance=_probe(1, 2),
+        allow_below=0.2,
+        deny_above=0.8,
+        relevance_threshold=0.5,
+        trained={"test": True},
+    )
+    path = tmp_path / "probe.json"
+    probes.save(path)
+    return path
+
+
+def probe_tiers(path: Path) -> dict[str, TierSettings]:
+    return {"edge": TierSettings(backend="fake", probe=path)}
+
+
+async def test_probe_decides_and_cites_after_one_prefill(tmp_path: Path) -> None:
+    edge = HiddenFake(scripts=[Script(answer("deny", rationale="It wipes every home folder."))])
+    async with fake_app({"edge": edge}, tiers=probe_tiers(probe_file(tmp_path))) as client:
+        body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+    assert body["decision"] == "deny"
+    assert body["decided_by"] == "probe"
+    assert [e["id"] for e in body["evidence"]] == ["R1"]  # only the item that applies
+    assert body["confidence"] > 0.9
+    assert body["rationale"] == "It wipes every home folder."
+    assert edge.prefills == [(2, 3)]  # the two probes' layers, read in one prefill
+    (generation,) = edge.requests
+    assert generation.choose is not None and generation.choose({"allow": 0.99}) == "deny"
+    assert '"evidence"' not in generation.constraint.gbnf  # the probe cites, not generation
+
+
+async def test_probe_allows_a_safe_action_without_generating(tmp_path: Path) -> None:
+    edge = HiddenFake(scripts=[Script(error="generation must not run")])
+    request = sample_request(
+        tier="edge", explain=False, action={"tool": "shell", "arguments": {"cmd": "du -sh ~"}}
+    )
+    async with fake_app({"edge": edge}, tiers=probe_tiers(probe_file(tmp_path))) as client:
+        body = (await client.post("/evaluate", json=request)).json()
+    assert body["decision"] == "allow" and body["decided_by"] == "probe"
+    assert body["evidence"] == [] and not body["degraded"]
+    assert body["rationale"].startswith("Probe on layer 3: P(unsafe) = 0.05")
+    assert edge.requests == []
+
+
+async def test_the_rationale_is_skipped_when_the_budget_cannot_hold_it(tmp_path: Path) -> None:
+    slow = Script(answer("deny", rationale="It wipes every home folder."), token_delay_s=0.05)
+    edge = HiddenFake(scripts=[slow])
+    async with fake_app({"edge": edge}, tiers=probe_tiers(probe_file(tmp_path))) as client:
+        first = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+        # the tier has now measured ~20 tokens/s of decode: a rationale of ~100 tokens does
+        # not fit 1.5 s, the probe's answer does
+        tight = sample_request(tier="edge", latency_budget_ms=1500)
+        second = (await client.post("/evaluate", json=tight)).json()
+    assert first["rationale"] == "It wipes every home folder."
+    assert second["decision"] == "deny" and second["decided_by"] == "probe"
+    assert second["rationale"].startswith("Probe on layer 3") and not second["degraded"]
+    assert len(edge.requests) == 1 and len(edge.prefills) == 2
+    assert second["timing"]["total_ms"] < 1500
+
+
+async def test_a_failed_rationale_leaves_the_probe_decision(tmp_path: Path) -> None:
+    edge = HiddenFake(scripts=[Script(error="engine fell over")])
+    async with fake_app({"edge": edge}, tiers=probe_tiers(probe_file(tmp_path))) as client:
+        body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+    assert body["decision"] == "deny" and body["decided_by"] == "probe"
+    assert not body["degraded"] and body["rationale"].startswith("Probe on layer 3")
+
+
+async def test_a_prefill_fault_fails_closed(tmp_path: Path) -> None:
+    edge = HiddenFake(scripts=[Script(answer("allow"))])
+    edge.prefill_error = "out of memory"
+    async with fake_app({"edge": edge}, tiers=probe_tiers(probe_file(tmp_path))) as client:
+        body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+        metrics = (await client.get("/metrics")).text
+    assert body["decision"] == "escalate" and body["degraded"]
+    assert body["reason"] == "model_error" and body["decided_by"] == "none"
+    assert 'gatekeeper_decided_by_total{path="none",tier="edge"} 1.0' in metrics
+
+
+async def test_a_probe_for_another_model_is_refused(tmp_path: Path) -> None:
+    edge = HiddenFake(scripts=[Script(answer("deny", evidence=["R1"], history=[]))])
+    path = probe_file(tmp_path, sha="cd" * 32)
+    async with fake_app({"edge": edge}, tiers=probe_tiers(path)) as client:
+        tiers = (await client.get("/readyz")).json()
+        body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+    edge_status = next(t for t in tiers["tiers"] if t["name"] == "edge")
+    assert edge_status["state"] == "loaded"
+    assert "probe refused" in edge_status["detail"] and "does not match" in edge_status["detail"]
+    assert body["decided_by"] == "generation" and edge.prefills == []
+
+
+def test_probe_files_check_model_and_prompt(tmp_path: Path) -> None:
+    probes = ProbeSet.load(probe_file(tmp_path, prompt_version="p0+rollcall0"))
+    with pytest.raises(ProbeMismatchError, match="prompt"):
+        probes.check(SHA)
+    with pytest.raises(ProbeMismatchError, match="does not match"):
+        probes.check("00" * 32)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"format": 99}))
+    with pytest.raises(ConfigurationError, match="format"):
+        ProbeSet.load(broken)
+
+
+def test_probe_round_trips_and_calibrates() -> None:
+    probe = LinearProbe(
+        4, np.full(D, 1.0), np.full(D, 2.0), np.arange(D, dtype=float), -1.0, 0.5, 0.25
+    )
+    again = LinearProbe.from_json(json.loads(json.dumps(probe.to_json())))
+    x = np.linspace(-1, 1, D)
+    z = ((x - 1.0) / 2.0) @ np.arange(D) - 1.0
+    assert again.prob(x) == pytest.approx(1 / (1 + np.exp(-(0.5 * z + 0.25))), rel=1e-5)
+
+
+# ---- the real engine: llama.cpp's eval callback on SmolLM2-135M ------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol() -> Any:
+    from service.backends.llama_cpp import LlamaCppBackend
+    from service.settings import load_settings
+    from service.weights import ModelStore
+
+    name = "smollm2-135m-instruct-q4_1"
+    path = ModelStore(load_settings()).resolve(name)
+    backend = LlamaCppBackend(name, path, n_ctx=2048, n_threads=2, hidden_states=True)
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def _built(action: str) -> Any:
+    from service.evidence import DEFAULT_PACK, PolicyLibrary
+    from service.prompt import build_prompt
+    from service.schemas import EvaluateRequest
+
+    request = EvaluateRequest.model_validate(sample_request(action={"text": action}))
+    pack = list(PolicyLibrary().get(DEFAULT_PACK).items)[:4]
+    return build_prompt(
+        request,
+        pack,
+        count_tokens=lambda text: len(text) // 3,
+        max_prompt_tokens=1800,
+        max_turn_chars=2000,
+        roll_call=True,
+    )
+
+
+@pytest.mark.model
+def test_llama_cpp_reads_hidden_states_at_the_marks(smol: Any) -> None:
+    built = _built("rm -rf /home/*")
+    layers = (3, 10, 20)
+    states = smol.hidden_states(built.prompt, layers=layers, marks=built.marks, choices=("allow",))
+    assert states.last.shape == (3, 576) and states.marks.shape == (3, 4, 576)
+    assert np.isfinite(states.marks).all() and (np.abs(states.marks).sum(axis=2) > 0).all()
+    assert 0 < states.choice_probs["allow"] < 1
+    tokens = smol.tokenize_prompt(built.prompt)
+    positions = smol._mark_positions(tokens, built.marks)
+    for mark, pos in zip(built.marks, positions, strict=True):
+        text = bytes(smol._llm.detokenize(tokens[: pos + 1], special=True)).decode()
+        assert text.endswith(mark[-3:])  # the mark's last token
+    # the same prompt again: the cached prefix is kept up to the first mark, and the states
+    # read on the re-evaluated part equal the cold ones
+    again = smol.hidden_states(built.prompt, layers=layers, marks=built.marks)
+    assert 0 < again.cached_tokens <= min(positions)
+    np.testing.assert_allclose(again.last, states.last, atol=2e-3)
+    np.testing.assert_allclose(again.marks, states.marks, atol=2e-3)
+    # a generation on the same prompt that follows starts from the cache
+    from service.backends.base import GenerationRequest
+    from service.grammar import AnswerShape, build_constraint
+
+    shape = AnswerShape((), (), 0, rationale_chars=40, revision_chars=20)
+    generation = smol.generate(
+        GenerationRequest(
+            built.prompt, build_constraint(shape), max_tokens=30, deadline=time.monotonic() + 60
+        )
+    )
+    assert generation.cached_tokens == generation.prompt_tokens - 1
+
+
+@pytest.mark.model
+def test_llama_cpp_hidden_states_need_the_callback_and_valid_layers(smol: Any) -> None:
+    built = _built("ls")
+    with pytest.raises(BackendError, match="layers"):
+        smol.hidden_states(built.prompt, layers=(smol.n_layers - 1,))
+    assert len(smol.model_sha256) == 64
