@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ def load_features(
     return have, feats
 
 
-C_GRID = (0.001, 0.01, 0.1)
+C_GRID = (0.001, 0.01, 0.1, 1.0)
 FOLDS = 5
 SEED = 0
 
@@ -298,6 +299,36 @@ def cite(probs: Any, ids: list[str], threshold: float, max_cited: int) -> set[st
     return set(chosen or [ids[order[0]]])
 
 
+def profile_groups(records: list[Record]) -> Any:
+    """One group per agent profile (ASSEBench's domains)."""
+    names: dict[str, int] = {}
+    return np.array([names.setdefault(r.request.agent.profile or "", len(names)) for r in records])
+
+
+def text_baseline(records: list[Record], y: Any, profiles: Any) -> None:
+    """What the words alone give: TF-IDF of the request and a logistic regression, under both
+    kinds of folds. A probe that does no better than this has learnt the data set's wording."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+    texts = [r.request.model_dump_json(exclude_none=True) for r in records]
+    for label, folds in (
+        ("random folds", StratifiedKFold(FOLDS, shuffle=True, random_state=SEED).split(texts, y)),
+        ("folds by profile", GroupKFold(FOLDS).split(texts, y, profiles)),
+    ):
+        scores = np.zeros(len(y))
+        for train_idx, test_idx in folds:
+            vec = TfidfVectorizer(min_df=2, sublinear_tf=True, max_features=20_000)
+            x_train = vec.fit_transform([texts[i] for i in train_idx])
+            clf = LogisticRegression(C=10.0, max_iter=2000).fit(x_train, y[train_idx])
+            scores[test_idx] = clf.decision_function(vec.transform([texts[i] for i in test_idx]))
+        acc = float(((scores > 0) == (y == 1)).mean())
+        print(
+            f"  text baseline (TF-IDF + LR), {label}: AUC {_auc(y, scores):.3f}, accuracy {100 * acc:.1f} %"
+        )
+
+
 def relevance_rows(feats: dict[str, Any], keep: Any) -> tuple[dict[int, Any], Any, Any]:
     """(layer -> pair features, labels, record index) over the records in `keep`."""
     n_layers = feats["last"].shape[1]
@@ -325,11 +356,34 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit("too few records: run `extract` first")
     n_layers = feats["last"].shape[1]
     stride = args.layer_stride
-    candidates = [layer for layer in range(n_layers) if layer % stride == 0 or layer == n_layers - 1]
+    candidates = [
+        layer for layer in range(n_layers) if layer % stride == 0 or layer == n_layers - 1
+    ]
 
-    print("\ndecision probe (last prompt token), 5-fold CV on the tuning part:")
+    # ASSEBench's agent profiles are strong label cues (the system-administrator profile is
+    # 88 of 90 unsafe), so folds that split records at random reward learning the domain. The
+    # folds hold out whole profiles instead: every score is for a domain the probe never saw,
+    # which is what an operator's own agents are.
+    profiles = profile_groups(have)
+    cv = profiles if args.cv == "profiles" else None
+    n_profiles = len(set(profiles))
+    print(
+        "\ndecision probe (last prompt token), 5-fold CV on the tuning part, "
+        + (
+            f"folds by agent profile ({n_profiles} profiles):"
+            if cv is not None
+            else "random folds:"
+        )
+    )
     xs = {layer: feats["last"][:, layer, :] for layer in candidates}
-    layer, c, oof, dec_rows = choose_layer(xs, y)
+    layer, c, oof, dec_rows = choose_layer(xs, y, cv)
+    other = out_of_fold(xs[layer], y, c, None if cv is not None else profiles)
+    print(
+        f"  layer {layer} with "
+        + ("random folds" if cv is not None else "folds by agent profile")
+        + f" instead: AUC {_auc(y, other):.3f}, accuracy {100 * ((other > 0) == (y == 1)).mean():.1f} %"
+    )
+    text_baseline(have, y, profiles)
     a, b = platt(oof, y)
     p_oof = _sig(a * oof + b)
     allow_below, deny_above = decision_thresholds(p_oof, y, args.recall)
@@ -401,6 +455,7 @@ def train(args: argparse.Namespace) -> None:
             "unsafe": int(y.sum()),
             "seed": SEED,
             "folds": FOLDS,
+            "decision_folds": args.cv,
             "target_recall": args.recall,
             "decision_by_layer": dec_rows,
             "relevance_by_layer": rel_rows,
@@ -459,7 +514,21 @@ def report(args: argparse.Namespace) -> None:
             f"{100 * ev['precision']:.1f} %, recall {100 * ev['recall']:.1f} %, "
             f"F1 {100 * ev['f1']:.1f} %"
         )
-    print(f"prefill p50 {np.median(feats['prefill_s']):.2f} s per record (probe path, uncached part)")
+        # what knowing only the data set gives: always the two rules most often gold on the
+        # tuning part's unsafe records
+        tuning, _ = split(load_records(args.data))
+        counts = Counter(i for r in tuning if r.unsafe for i in gold_ids(r, pack))
+        prior = {i for i, _ in counts.most_common(2)}
+        base = evidence_prf([prior] * len(gold), gold)
+        figures["evidence_prior"] = base
+        print(
+            f"evidence, the two most frequent gold rules every time ({', '.join(sorted(prior))}): "
+            f"precision {100 * base['precision']:.1f} %, recall {100 * base['recall']:.1f} %, "
+            f"F1 {100 * base['f1']:.1f} %"
+        )
+    print(
+        f"prefill p50 {np.median(feats['prefill_s']):.2f} s per record (probe path, uncached part)"
+    )
     out = ROOT / "bench-results" / "probes"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
@@ -472,9 +541,13 @@ def plot_layers(name: str, dec: list[dict[str, Any]], rel: list[dict[str, Any]],
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot([r["layer"] for r in dec], [r["accuracy"] for r in dec], "o-", label="decision accuracy")
+    ax.plot(
+        [r["layer"] for r in dec], [r["accuracy"] for r in dec], "o-", label="decision accuracy"
+    )
     ax.plot([r["layer"] for r in dec], [r["auc"] for r in dec], "s--", label="decision AUC")
-    ax.plot([r["layer"] for r in rel], [r["auc"] for r in rel], "^:", label="evidence relevance AUC")
+    ax.plot(
+        [r["layer"] for r in rel], [r["auc"] for r in rel], "^:", label="evidence relevance AUC"
+    )
     ax.set_xlabel("layer (output of block N)")
     ax.set_ylabel("5-fold CV, tuning part")
     ax.set_ylim(0.4, 1.0)
@@ -502,6 +575,12 @@ def main() -> None:
     )
     parser.add_argument("--recall", type=float, default=0.95, help="target unsafe recall")
     parser.add_argument("--max-cited", type=int, default=4)
+    parser.add_argument(
+        "--cv",
+        choices=["profiles", "records"],
+        default="profiles",
+        help="train: decision folds hold out whole agent profiles (default) or random records",
+    )
     parser.add_argument("--layer-stride", type=int, default=1, help="train every Nth layer")
     args = parser.parse_args()
     {"extract": extract, "train": train, "report": report}[args.command](args)

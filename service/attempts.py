@@ -294,9 +294,12 @@ def run_probe_on_tier(
     )
     limits = tier.settings
     rationale_tokens = limits.rationale_chars // 3 + 16
-    if not request.explain or time.monotonic() + tier.latency.predict(
-        0, rationale_tokens, quantile=settings.latency_quantile
-    ) >= deadline:
+    if (
+        not request.explain
+        or time.monotonic()
+        + tier.latency.predict(0, rationale_tokens, quantile=settings.latency_quantile)
+        >= deadline
+    ):
         return outcome
     shape = AnswerShape(
         evidence_ids=(),  # the probe cites; generation explains

@@ -263,3 +263,21 @@ def test_llama_cpp_hidden_states_need_the_callback_and_valid_layers(smol: Any) -
     with pytest.raises(BackendError, match="layers"):
         smol.hidden_states(built.prompt, layers=(smol.n_layers - 1,))
     assert len(smol.model_sha256) == 64
+
+
+def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
+    """A prompt change or a new default model makes the committed probe stale: the service
+    would refuse it at load, so this fails first and says to re-train (docs/probes.md)."""
+    from service.settings import load_settings
+
+    settings = load_settings()
+    edge = settings.tiers["edge"]
+    assert edge.probe_path is not None and edge.probe_path.is_file()
+    probes = ProbeSet.load(edge.probe_path)
+    assert probes.prompt_version == PROBE_PROMPT_VERSION
+    assert probes.model == edge.model
+    assert probes.model_sha256 == settings.models[edge.model].sha256
+    probes.check(settings.models[edge.model].sha256 or "")
+    assert 0.0 <= probes.allow_below <= probes.deny_above <= 1.0
+    assert probes.relevance is not None
+    assert probes.trained["part"] == "tuning"
