@@ -3,8 +3,11 @@ order: the decision is read from the logits at the first position, and with expl
 nothing else is generated) against a rationale written first, the decision after it.
 
 Same model, same prompt (the service's own, for the same records), greedy, the same rationale
-bound; only the order of the two fields differs. Prints accuracy (allow = safe, anything else
-= unsafe) and the tokens generated before the decision is known.
+bound; only the order of the two fields differs; each arm's decision is the greedy word.
+Prints accuracy (allow = safe, anything else = unsafe), the tokens generated before the
+decision is known, and the decision-first arm's accuracy under the service's own rule (allow
+only when P(allow) at the first position reaches the tier's threshold), which only the
+decision-first order gives.
 
     .venv/bin/python -m benchmarks.ordering [--tier edge] [--records 16]
 
@@ -26,7 +29,7 @@ from benchmarks.quality import DEFAULT_DATA, sample
 from service.backends.base import Constraint, GenerationRequest
 from service.evidence import PolicyLibrary
 from service.grammar import DECISIONS, RESPONSE_PREFIX
-from service.pipeline import Gatekeeper
+from service.pipeline import Gatekeeper, normalised
 from service.prompt import build_prompt
 from service.records import load_records, split
 from service.settings import load_settings
@@ -71,6 +74,8 @@ async def main() -> None:
     gatekeeper = Gatekeeper(settings, pool, PolicyLibrary(), metrics)
     arms = orders(tier.settings.rationale_chars)
     right = dict.fromkeys(arms, 0)
+    threshold = gatekeeper._threshold(args.tier)
+    at_threshold = 0
     before = dict.fromkeys(arms, 0)  # tokens generated before the decision is known
     print(f"tier {args.tier} ({tier.model}), {len(records)} tuning records")
     for record in records:
@@ -86,7 +91,7 @@ async def main() -> None:
             generation = backend.generate(
                 GenerationRequest(
                     replace(built.prompt, response_prefix=prefix),
-                    Constraint(schema={}, gbnf=gbnf),
+                    Constraint(schema={}, gbnf=gbnf, choices=DECISIONS),
                     max_tokens=tier.settings.max_tokens,
                     deadline=time.monotonic() + 600,
                 )
@@ -96,6 +101,10 @@ async def main() -> None:
             except (ValueError, KeyError):
                 decision = "invalid"
             right[order] += (decision != "allow") == record.unsafe
+            if prefix == RESPONSE_PREFIX:  # the probabilities are read at the first position
+                p_allow = normalised(generation.choice_probs).get("allow", 0.0)
+                gated = "allow" if p_allow >= threshold else "not allow"
+                at_threshold += (gated != "allow") == record.unsafe
             if order == "decision first":
                 before[order] += 1
             else:
@@ -109,6 +118,10 @@ async def main() -> None:
             f"{order:16s} accuracy {right[order] / n:6.1%} ({right[order]}/{n}), "
             f"{before[order] / n:5.1f} tokens generated before the decision"
         )
+    print(
+        f"decision first, allow only at P(allow) >= {threshold} (the service's rule): "
+        f"accuracy {at_threshold / n:.1%} ({at_threshold}/{n})"
+    )
     pool.close()
 
 

@@ -63,12 +63,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 # ---- 1-4: in-process --------------------------------------------------------------------
 
 
-def _decode_rate(
-    backend: LlamaCppBackend, tokens: list[int], n: int, **constraint: Any
-) -> tuple[float, int]:
+def _decode_rate(llm: Any, tokens: list[int], n: int, **constraint: Any) -> tuple[float, int]:
     """(tok/s after the first token, tokens generated): greedy, at most `n` tokens, ending at
     end-of-sequence only when constrained (a free run goes on for the same count)."""
-    llm = backend._llm
     llm.n_tokens = len(tokens) - 1  # prompt cached: only its last token is evaluated again
     stream = llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, **constraint)
     first = last = 0.0
@@ -82,6 +79,35 @@ def _decode_rate(
             break
     stream.close()
     return (count - 1) / max(last - first, 1e-9), count
+
+
+def flash_attention(backend: LlamaCppBackend, tokens: list[int], cold: float) -> None:
+    """The same prefill and free decode on a second context with flash attention flipped."""
+    from llama_cpp import Llama
+
+    llm = backend._llm
+    flipped = not llm.context_params.flash_attn_type > 0
+    other = Llama(
+        model_path=str(backend._path),
+        n_ctx=backend._n_ctx,
+        n_threads=backend._n_threads,
+        n_batch=backend._n_batch,
+        flash_attn=flipped,
+        verbose=False,
+    )
+    try:
+        started = time.perf_counter()
+        other.eval(tokens)
+        other_cold = time.perf_counter() - started
+        other_decode, _count = _decode_rate(other, tokens, 48)
+        decode, _count = _decode_rate(llm, tokens, 48)
+    finally:
+        other.close()
+    on, off = ((cold, decode), (other_cold, other_decode))[:: 1 if not flipped else -1]
+    print(
+        f"     flash attention on / off: prefill {len(tokens) / on[0]:.1f} / "
+        f"{len(tokens) / off[0]:.1f} tok/s, free decode {on[1]:.1f} / {off[1]:.1f} tok/s"
+    )
 
 
 def engine_figures(
@@ -99,6 +125,7 @@ def engine_figures(
     cold = time.perf_counter() - started
     print(f"  prompt {len(tokens)} tokens, {shared} of them the shared prefix")
     print(f"  1. raw prefill {len(tokens) / cold:6.1f} tok/s (cold, {cold:.2f} s)")
+    flash_attention(backend, tokens, cold)
 
     # 2. constrained / free: the grammar engines on the same prompt, interleaved, 3 rounds
     gbnf = request.constraint.gbnf
@@ -109,11 +136,11 @@ def engine_figures(
         for engine in ("llguidance", "llama_cpp"):
             if engine == "llama_cpp":
                 backend._grammars = None
-            rate, count = _decode_rate(backend, tokens, 160, **raw.constraint(gbnf))
+            rate, count = _decode_rate(llm, tokens, 160, **raw.constraint(gbnf))
             backend._grammars = grammars
             rates[engine].append(rate)
             lengths[engine] = count
-        rate, _count = _decode_rate(backend, tokens, max(lengths.values()))
+        rate, _count = _decode_rate(llm, tokens, max(lengths.values()))
         rates["free"].append(rate)
     free = statistics.median(rates["free"])
     print(f"     raw decode {free:6.1f} tok/s (free, greedy, {max(lengths.values())} tokens)")
@@ -158,7 +185,10 @@ async def in_process(settings: Settings, tier_name: str) -> None:
         started = time.perf_counter()
         answer = await gatekeeper.evaluate(EvaluateRequest.model_validate(body))
         service_s = time.perf_counter() - started
-        assert len(captured) == 1, "a retry happened; the comparison would not be like for like"
+        if len(captured) != 1:  # a retry: not like for like with one raw run
+            print(f"     skipped one request: {len(captured)} generations")
+            previous = []
+            continue
         tokens = backend.tokenize_prompt(captured[0].prompt)
         shared = _common_prefix(tokens, previous)
         raw_s = raw.time(captured[0], answer.usage.completion_tokens, cached=shared)
@@ -244,49 +274,52 @@ def servers(settings: Settings, tier_name: str, records: list[Record]) -> None:
 
         evaluate(warm_up, False)  # the first request fills the cache with the shared prefix
         for explain in (False, True):
-            results["gatekeeper", explain], right["gatekeeper", explain] = timed(
+            results["/evaluate", explain], right["/evaluate", explain] = timed(
                 [partial(evaluate, r, explain) for r in records]
             )
-        rss["gatekeeper"] = peak_rss_mb(proc.pid)
-    with (
-        llama_cpp_server(path, alias=tier_name, n_ctx=tier.n_ctx) as (url, proc),
-        httpx.Client(base_url=url, timeout=300) as http,
-    ):
+        rss["/evaluate"] = peak_rss_mb(proc.pid)
+    # the server as it comes, then with flash attention on as the service has it
+    for side, extra in (("llama_cpp.server", ()), ("  + --flash_attn", ("--flash_attn", "true"))):
+        with (
+            llama_cpp_server(path, alias=tier_name, n_ctx=tier.n_ctx, extra=extra) as (url, proc),
+            httpx.Client(base_url=url, timeout=300) as http,
+        ):
 
-        def plain(record: Record, explain: bool) -> bool:
-            body = plain_body(record, explain, tier.rationale_chars)
-            out = http.post("/chat/completions", json={"model": tier_name, **body}).json()
-            text = out["choices"][0]["message"]["content"] or "{}"
-            try:
-                decision = json.loads(text).get("decision")
-            except json.JSONDecodeError:
-                decision = None
-            return bool((decision != "safe") == record.unsafe)
+            def plain(record: Record, explain: bool) -> bool:
+                body = plain_body(record, explain, tier.rationale_chars)
+                out = http.post("/chat/completions", json={"model": tier_name, **body}).json()
+                text = out["choices"][0]["message"]["content"] or "{}"
+                try:
+                    decision = json.loads(text).get("decision")
+                except json.JSONDecodeError:
+                    decision = None
+                return bool((decision != "safe") == record.unsafe)
 
-        plain(warm_up, False)  # as for the service
-        for explain in (False, True):
-            results["llama_cpp.server", explain], right["llama_cpp.server", explain] = timed(
-                [partial(plain, r, explain) for r in records]
-            )
-        rss["llama_cpp.server"] = peak_rss_mb(proc.pid)
+            plain(warm_up, False)  # as for the service
+            for explain in (False, True):
+                results[side, explain], right[side, explain] = timed(
+                    [partial(plain, r, explain) for r in records]
+                )
+            rss[side] = peak_rss_mb(proc.pid)
     n = len(records)
+    ours = "/evaluate"
     for explain in (False, True):
-        ours, theirs = results["gatekeeper", explain], results["llama_cpp.server", explain]
         print(f"  5. explain={str(explain).lower()}, {n} ASSEBench records, p50 / p95 seconds:")
-        for side, values in (("/evaluate", ours), ("llama_cpp.server", theirs)):
-            key = "gatekeeper" if side == "/evaluate" else "llama_cpp.server"
+        for side in rss:
+            values = results[side, explain]
+            ratio = ""
+            if side != ours:
+                mine = results[ours, explain]
+                ratio = (
+                    f"   /evaluate / this: p50 {_pct(mine, 0.5) / _pct(values, 0.5):.2f}, "
+                    f"p95 {_pct(mine, 0.95) / _pct(values, 0.95):.2f}"
+                )
             print(
                 f"     {side:17s} {_pct(values, 0.5):6.2f} / {_pct(values, 0.95):6.2f}   "
-                f"correct {right[key, explain]}/{n}"
+                f"correct {right[side, explain]}/{n}{ratio}"
             )
-        print(
-            f"     ratio p50 {_pct(ours, 0.5) / _pct(theirs, 0.5):.2f}, "
-            f"p95 {_pct(ours, 0.95) / _pct(theirs, 0.95):.2f} (target p50 <= 0.5)"
-        )
-    print(
-        f"     peak RSS: gatekeeper {rss['gatekeeper']:.0f} MB, "
-        f"llama_cpp.server {rss['llama_cpp.server']:.0f} MB"
-    )
+    print("     (target: /evaluate p50 <= 0.5 x llama_cpp.server)")
+    print("     peak RSS: " + ", ".join(f"{side.strip()} {mb:.0f} MB" for side, mb in rss.items()))
 
 
 def main() -> None:
