@@ -1,15 +1,16 @@
 """Speed, side by side, per tier (issue #6): the raw engine, the grammar engines, the service
 against the raw engine, and /evaluate against llama-cpp-python's own server.
 
-1. raw engine: prefill and free decode tok/s on the service's real prompt;
+1. raw engine: prefill and free decode tok/s on the service's real prompt, with flash attention
+   on and off;
 2. constrained / free decode on that prompt, for llguidance and for llama.cpp's GBNF sampler;
 3. prefix reuse: a second request's prefill with the shared system prompt, examples and policy
    pack in the KV cache, against the same prefill cold;
 4. the service end to end (in-process pipeline) / the raw engine on the same prompt tokens,
    grammar and number of output tokens, both with the shared prefix cached;
 5. real processes on loopback: POST /evaluate (explain false, then true) against
-   `python -m llama_cpp.server` given a plain prompt and the answer's JSON schema as
-   response_format, on the same ASSEBench records: p50 / p95, their ratio, the decisions'
+   `python -m llama_cpp.server` (as it comes, then with --flash_attn true) given a plain
+   prompt and the answer's JSON schema as response_format, on the same ASSEBench records: p50 / p95, their ratio, the decisions'
    accuracy on both sides, and each server's peak RSS.
 
     .venv/bin/python -m benchmarks.speed [--tiers edge] [--records 6]
