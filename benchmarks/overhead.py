@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from service.backends.base import GenerationRequest
+from service.backends.guidance import GuidanceLogitsProcessor, TokenMask
 from service.backends.llama_cpp import LlamaCppBackend, _compile_grammar
 from service.evidence import PolicyLibrary
 from service.pipeline import Gatekeeper
 from service.schemas import EvaluateRequest
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from service.telemetry import Metrics
-from service.tiers import TierPool
+from service.tiers import Tier, TierPool
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "assebench" / "AgentJudge-security.json"
@@ -59,15 +60,29 @@ def sample_requests() -> list[dict[str, Any]]:
 
 
 class RawTimer:
-    """The raw engine: llama-cpp-python's own generate loop, nothing else."""
+    """The raw engine: llama-cpp-python's own generate loop under the tier's grammar engine
+    (llguidance's mask as a logits processor, or llama.cpp's GBNF sampler), nothing else."""
 
     def __init__(self, backend: LlamaCppBackend) -> None:
         self.backend = backend
         self.last: GenerationRequest | None = None
 
-    def time(self, request: GenerationRequest, n_tokens: int) -> float:
+    def constraint(self, gbnf: str) -> dict[str, Any]:
+        """The generate() arguments that hold the output to `gbnf`, as the backend does."""
+        llm, grammars = self.backend._llm, self.backend._grammars
+        if grammars is None:
+            return {"grammar": _compile_grammar(gbnf)}
+        mask = TokenMask(grammars.matcher(gbnf), llm.n_vocab(), llm.token_eos())
+        return {"logits_processor": [GuidanceLogitsProcessor(mask)]}
+
+    def time(self, request: GenerationRequest, n_tokens: int, cached: int = 0) -> float:
+        """Seconds to prefill and generate `n_tokens`, with the first `cached` prompt tokens
+        kept in the KV cache (0: a cold start)."""
         llm = self.backend._llm
-        llm.reset()
+        if cached:
+            llm.n_tokens = cached  # generate() drops the cache past the matching prefix
+        else:
+            llm.reset()
         start = time.perf_counter()
         tokens = self.backend.tokenize_prompt(request.prompt)
         stream = llm.generate(
@@ -77,13 +92,38 @@ class RawTimer:
             top_p=0.95,
             min_p=0.05,
             repeat_penalty=1.0,
-            grammar=_compile_grammar(request.constraint.gbnf),
+            **self.constraint(request.constraint.gbnf),
         )
         for i, _token in enumerate(stream, start=1):
             if i >= n_tokens:
                 break
         stream.close()
         return time.perf_counter() - start
+
+
+async def spied_pipeline(
+    settings: Settings, tier_name: str
+) -> tuple[TierPool, Tier, LlamaCppBackend, Gatekeeper, list[GenerationRequest]]:
+    """The tier loaded and the pipeline over it, with every GenerationRequest it sends to the
+    backend recorded in the returned list (for the raw engine to replay)."""
+    metrics = Metrics()
+    pool = TierPool(settings, metrics)
+    await pool.load_all()
+    tier = pool.get(tier_name)
+    backend = tier.backend
+    if tier.state != "loaded" or not isinstance(backend, LlamaCppBackend):
+        pool.close()
+        raise SystemExit(f"tier {tier_name} is {tier.state}: {tier.detail}")
+    gatekeeper = Gatekeeper(settings, pool, PolicyLibrary(), metrics)
+    captured: list[GenerationRequest] = []
+    original = backend.generate
+
+    def spy(request: GenerationRequest, on_token: Any = None) -> Any:
+        captured.append(request)
+        return original(request, on_token)
+
+    backend.generate = spy  # type: ignore[method-assign]
+    return pool, tier, backend, gatekeeper, captured
 
 
 async def main() -> None:
@@ -93,24 +133,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     settings = load_settings(load_tiers=[args.tier])
-    metrics = Metrics()
-    pool = TierPool(settings, metrics)
-    await pool.load_all()
-    tier = pool.get(args.tier)
-    if tier.state != "loaded":
-        raise SystemExit(f"tier {args.tier} is {tier.state}: {tier.detail}")
-    backend = tier.backend
-    assert isinstance(backend, LlamaCppBackend)
-    gatekeeper = Gatekeeper(settings, pool, PolicyLibrary(), metrics)
-
-    captured: list[GenerationRequest] = []
-    original = backend.generate
-
-    def spy(request: GenerationRequest, on_token: Any = None) -> Any:
-        captured.append(request)
-        return original(request, on_token)
-
-    backend.generate = spy  # type: ignore[method-assign]
+    pool, tier, backend, gatekeeper, captured = await spied_pipeline(settings, args.tier)
     raw = RawTimer(backend)
 
     print(f"model {tier.model}  ({backend._path.stat().st_size / 1e6:.0f} MB file)")

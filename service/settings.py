@@ -84,6 +84,16 @@ class TierSettings(_Section):
         default="auto", description="'auto': the GGUF's own template; 'none': raw completion."
     )
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    grammar_engine: Literal["llguidance", "llama_cpp"] = Field(
+        default="llguidance",
+        description="llama_cpp tiers: what holds generation to the request's grammar. "
+        "'llguidance' masks the logits with llguidance (cost independent of the vocabulary; "
+        "decode at ~0.99x free speed); 'llama_cpp' uses llama.cpp's GBNF sampler (~0.7x on "
+        "Qwen's 151k vocabulary). mlx tiers always use llguidance; see docs/speed.md.",
+    )
+    flash_attn: bool = Field(
+        default=True, description="llama_cpp tiers: llama.cpp's flash attention (CPU too)."
+    )
     allow_threshold: float | None = Field(
         default=None,
         ge=0.0,

@@ -88,14 +88,20 @@ def gatekeeper_server(
 
 @contextmanager
 def llama_cpp_server(
-    model_path: Path, *, alias: str, n_ctx: int = 2048, ready_timeout: float = 120.0
+    model_path: Path,
+    *,
+    alias: str,
+    n_ctx: int = 2048,
+    ready_timeout: float = 120.0,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """llama-cpp-python's OpenAI-compatible server on loopback; yields its /v1 URL."""
+    """llama-cpp-python's OpenAI-compatible server on loopback (with `extra` command-line
+    settings); yields its /v1 URL."""
     port = free_port()
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
         "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(n_ctx), "--n_threads", "2",
+        "--n_ctx", str(n_ctx), "--n_threads", "2", *extra,
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1"
     with server_process(command, f"{url}/models", ready_timeout=ready_timeout) as proc:

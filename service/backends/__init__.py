@@ -25,6 +25,8 @@ def _llama_cpp(tier: TierSettings, store: ModelStore) -> Backend:
         n_threads=tier.n_threads,
         n_batch=tier.n_batch,
         chat_template=tier.chat_template,
+        grammar_engine=tier.grammar_engine,
+        flash_attn=tier.flash_attn,
         hidden_states=tier.probe is not None,
         sha256=tier.model_sha256 or (source.sha256 if source else None),
     )

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from service.backends.base import (
     Finish,
@@ -30,6 +30,13 @@ from service.backends.chat import (
     raw_completion,
     slotted_messages,
     tokenize_slotted,
+)
+from service.backends.guidance import (
+    GrammarCompiler,
+    GuidanceLogitsProcessor,
+    TokenMask,
+    llama_cpp_tokenizer,
+    require_guidance,
 )
 from service.errors import BackendDeadlineError, BackendError, BackendUnavailableError
 from service.probes import model_sha256
@@ -102,9 +109,16 @@ class LlamaCppBackend:
         chat_template: str = "auto",
         hidden_states: bool = False,
         sha256: str | None = None,
+        grammar_engine: Literal["llguidance", "llama_cpp"] = "llguidance",
+        flash_attn: bool = True,
     ) -> None:
         if _ENGINE_ERROR is not None:
             raise BackendUnavailableError(f"llama-cpp-python is not installed: {_ENGINE_ERROR}")
+        if grammar_engine == "llguidance":
+            require_guidance()
+        self._grammar_engine = grammar_engine
+        self._flash_attn = flash_attn
+        self._grammars: GrammarCompiler | None = None
         self.model = model
         self._path = path
         self._n_ctx = n_ctx
@@ -136,6 +150,7 @@ class LlamaCppBackend:
                 n_ctx=self._n_ctx,
                 n_threads=self._n_threads,
                 n_batch=self._n_batch,
+                flash_attn=self._flash_attn,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -150,6 +165,8 @@ class LlamaCppBackend:
                 add_generation_prompt=True,
             )
         self._bos = llm.tokenize(b"", add_bos=True, special=True)
+        if self._grammar_engine == "llguidance":
+            self._grammars = GrammarCompiler(llama_cpp_tokenizer(llm._model.vocab))
         if self._read_hidden:
             self._install_eval_callback(llm)
         # Prefill cannot be interrupted from Python between tokens: llama.cpp's abort callback
@@ -362,6 +379,16 @@ class LlamaCppBackend:
                 scores[forced] = 0.0
             return scores
 
+        processors: list[Any] = [read_choices] if table else []
+        mask: TokenMask | None = None
+        grammar: Any = None
+        if request.constraint.gbnf and self._grammars is not None:
+            matcher = self._grammars.matcher(request.constraint.gbnf)
+            mask = TokenMask(matcher, llm.n_vocab(), llm.token_eos())
+            processors.append(GuidanceLogitsProcessor(mask))  # last: its mask is final
+        elif request.constraint.gbnf:
+            grammar = _compile_grammar(request.constraint.gbnf)
+
         def past_deadline(_ids: Any, _logits: Any) -> bool:
             return time.monotonic() >= request.deadline
 
@@ -388,11 +415,9 @@ class LlamaCppBackend:
                 repeat_penalty=request.repeat_penalty,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
-                logits_processor=LogitsProcessorList([read_choices]) if table else None,
+                logits_processor=LogitsProcessorList(processors) if processors else None,
                 stopping_criteria=StoppingCriteriaList([past_deadline]),
-                grammar=_compile_grammar(request.constraint.gbnf)
-                if request.constraint.gbnf
-                else None,
+                grammar=grammar,
             )
             try:
                 for token in stream:
@@ -425,6 +450,9 @@ class LlamaCppBackend:
                 finish = Finish.DEADLINE
             else:
                 raise BackendError(f"llama.cpp generation failed: {exc}") from exc
+        if mask is not None and mask.error is not None:
+            # a bug between engine and grammar, not model noise: never retried as an answer
+            raise BackendError(f"constrained decoding failed: {mask.error}")
         end = time.monotonic()
         first = first_token_at or end
         pieces.append(decoder.decode(b"", final=True))
@@ -446,6 +474,8 @@ class LlamaCppBackend:
         if self._own_ctx is not None:
             self._own_ctx.close()  # before the model it belongs to
             self._own_ctx = None
+        if self._grammars is not None:
+            self._grammars.clear()
         if self._llm is not None:
             self._llm.close()
             self._llm = None

@@ -23,12 +23,11 @@ from service.backends.chat import (
     slotted_messages,
     tokenize_slotted,
 )
+from service.backends.guidance import GrammarCompiler, TokenMask
 from service.errors import BackendError, BackendUnavailableError
 
 try:  # an import guard: a missing engine must not break the other backends
-    import llguidance
     import llguidance.hf
-    import llguidance.numpy
     import mlx.core as mx
     import numpy as np
     from mlx_lm import load as mlx_load
@@ -54,17 +53,11 @@ class _Grammar:
     reads (and may force) the choice at the first position."""
 
     def __init__(
-        self,
-        matcher: Any,
-        vocab: int,
-        table: dict[str, list[int]],
-        request: GenerationRequest,
+        self, mask: TokenMask, table: dict[str, list[int]], request: GenerationRequest
     ) -> None:
-        self.matcher = matcher
-        self._vocab = vocab
+        self.mask = mask
         self._table = table
         self._request = request
-        self._mask = llguidance.numpy.allocate_token_bitmask(1, vocab)
         self._bit = mx.arange(32, dtype=mx.int32)
         self._first = True
         self.choice_probs: dict[str, float] = {}
@@ -73,10 +66,9 @@ class _Grammar:
         if self._first:
             self._first = False
             logits = self._choose(logits)
-        elif not self.matcher.consume_token(int(tokens[-1].item())):
-            raise BackendError(f"grammar rejected a token: {self.matcher.get_error()}")
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, self._mask)
-        words = mx.array(self._mask)
+        else:
+            self.mask.consume(int(tokens[-1].item()))
+        words = mx.array(self.mask.words())
         allowed = ((words[:, :, None] >> self._bit) & 1).reshape(1, -1)
         width = logits.shape[-1]
         if allowed.shape[-1] < width:  # the model's embedding may be padded past the vocab
@@ -109,7 +101,7 @@ class MlxBackend:
         self._model: Any = None
         self._tokenizer: Any = None
         self._ll_tokenizer: Any = None
-        self._grammars: dict[str, Any] = {}
+        self._grammars: GrammarCompiler | None = None
         self._choice_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
 
     @property
@@ -124,6 +116,7 @@ class MlxBackend:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(
                 hf, eos_token=sorted(self._tokenizer.eos_token_ids)
             )
+            self._grammars = GrammarCompiler(self._ll_tokenizer)
         except (ValueError, OSError, KeyError, RuntimeError) as exc:
             raise BackendError(f"cannot load the MLX model {self.model}: {exc}") from exc
         logger.info("loaded %s with mlx-lm on %s", self.model, mx.default_device())
@@ -160,15 +153,6 @@ class MlxBackend:
             content=lambda text: self._encode(text, special=False),
         )
 
-    def _matcher(self, gbnf: str) -> Any:
-        grammar = self._grammars.get(gbnf)
-        if grammar is None:
-            grammar = self._grammars[gbnf] = llguidance.grammar_from("gbnf", gbnf)
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
-        if matcher.is_error():
-            raise BackendError(f"llguidance cannot use the grammar: {matcher.get_error()}")
-        return matcher
-
     def generate(self, request: GenerationRequest, on_token: TokenHook | None = None) -> Generation:
         tokenizer = self._require()
         tokens = self.tokenize_prompt(request.prompt)
@@ -178,12 +162,13 @@ class MlxBackend:
             self._choice_ids[choices] = choice_table(
                 choices, lambda text: self._encode(text, special=False)
             )
-        grammar = _Grammar(
-            self._matcher(request.constraint.gbnf),
+        assert self._grammars is not None  # set by load, as the model is
+        mask = TokenMask(
+            self._grammars.matcher(request.constraint.gbnf),
             self._ll_tokenizer.vocab_size,
-            self._choice_ids.get(choices, {}),
-            request,
+            self._ll_tokenizer.eos_token,
         )
+        grammar = _Grammar(mask, self._choice_ids.get(choices, {}), request)
         processors = make_logits_processors(
             repetition_penalty=request.repeat_penalty if request.repeat_penalty != 1.0 else None,
             presence_penalty=request.presence_penalty or None,
@@ -236,6 +221,8 @@ class MlxBackend:
             raise BackendError(f"mlx-lm generation failed: {exc}") from exc
         finally:
             steps.close()
+        if mask.error is not None:
+            raise BackendError(f"constrained decoding failed: {mask.error}")
         detokenizer.finalize()
         pieces.append(detokenizer.last_segment)
         end = time.monotonic()
@@ -256,4 +243,5 @@ class MlxBackend:
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
-        self._grammars.clear()
+        if self._grammars is not None:
+            self._grammars.clear()
