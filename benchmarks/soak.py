@@ -25,10 +25,11 @@ from typing import Any
 
 import httpx
 
-from benchmarks.load import pct, requests_pool
+from benchmarks.load import RECORDS, pct, requests_pool
 from tests.realserver import gatekeeper_server
 
 ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["RECORDS", "soak"]
 
 
 def rss_mb(pid: int) -> float:

@@ -272,8 +272,9 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
 
     settings = load_settings()
     edge = settings.tiers["edge"]
-    assert edge.probe_path is not None and edge.probe_path.is_file()
-    probes = ProbeSet.load(edge.probe_path)
+    # off by default (docs/probes.md: it does not generalise beyond its training data)
+    assert edge.probe is None
+    probes = ProbeSet.load(Path(__file__).parents[1] / "models" / "probes" / f"{edge.model}.json")
     assert probes.prompt_version == PROBE_PROMPT_VERSION
     assert probes.model == edge.model
     assert probes.model_sha256 == settings.models[edge.model].sha256

@@ -11,7 +11,12 @@ import pytest
 
 from benchmarks import soak
 
-pytestmark = pytest.mark.model
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(
+        not soak.RECORDS.is_file(), reason=f"{soak.RECORDS} is not here (../shared/data)"
+    ),
+]
 
 
 def test_a_short_soak_over_the_sustainable_rate_stays_clean(tmp_path: Path) -> None:
