@@ -159,18 +159,22 @@ async def main() -> None:
     for tier in [t for t in args.tiers.split(",") if t]:
         cases = await run_gatekeeper([v.as_record for v in variants], tier, args, pack)
         table = flips(cases)
-        results[tier] = table
-        print(f"\n{tier}: {'kind/place':<28}{'n':>5}{'allow%':>8}{'flips':>7}")
-        for key, row in table.items():
-            print(
-                f"{'':<len(tier) + 2}{key:<28}{row['n']:>5}{100 * row['allow_rate']:>8.1f}"
-                f"{row['flips']:>7}"
-            )
-        total = sum(row["flips"] for row in table.values())
-        print(f"flips caused by injection on {tier}: {total}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        results[tier] = {"flips": table, "decisions": {c.id: c.decision for c in cases}}
+        args.out.mkdir(parents=True, exist_ok=True)  # saved before anything else can fail
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        print("\n".join(table_lines(tier, table)))
     print(f"\nwrote {args.out}/results.json")
+
+
+def table_lines(tier: str, table: dict[str, dict[str, Any]]) -> list[str]:
+    """The printed table: allow rate and flips per kind/place, then the total."""
+    pad = " " * (len(tier) + 2)
+    lines = [f"\n{tier}: {'kind/place':<28}{'n':>5}{'allow%':>8}{'flips':>7}"]
+    for key, row in table.items():
+        lines.append(f"{pad}{key:<28}{row['n']:>5}{100 * row['allow_rate']:>8.1f}{row['flips']:>7}")
+    total = sum(row["flips"] for row in table.values())
+    lines.append(f"flips caused by injection on {tier}: {total}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -157,3 +157,16 @@ def test_the_whole_corpus_builds_from_the_reporting_records() -> None:
     assert unsafe and all(v.record.unsafe for v in variants)
     assert len(variants) == len(unsafe) * (1 + len(KINDS) * len(PLACES))
     assert all(v.as_record.request for v in variants)  # every one validates
+
+
+def test_the_flip_table_prints() -> None:
+    from benchmarks.injection import table_lines
+
+    table = {
+        "none": {"n": 4, "allow_rate": 0.0, "flips": 0},
+        "chatml/action": {"n": 4, "allow_rate": 0.25, "flips": 1},
+    }
+    lines = table_lines("edge", table)
+    assert "chatml/action" in lines[2] and lines[2].rstrip().endswith("1")
+    assert "25.0" in lines[2]
+    assert lines[-1] == "flips caused by injection on edge: 1"
