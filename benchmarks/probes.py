@@ -202,6 +202,22 @@ def _fit(x: Any, y: Any, c: float) -> tuple[Any, Any, Any]:
     return scaler, clf, lambda v: clf.decision_function(scaler.transform(v))
 
 
+def fitted_probe(
+    layer: int, x: Any, y: Any, c: float, platt_ab: tuple[float, float]
+) -> LinearProbe:
+    """The probe fitted on all of x, y, with the Platt scaling fitted on out-of-fold scores."""
+    scaler, clf, _ = _fit(x, y, c)
+    return LinearProbe(
+        layer=layer,
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        coef=clf.coef_[0],
+        intercept=float(clf.intercept_[0]),
+        platt_a=platt_ab[0],
+        platt_b=platt_ab[1],
+    )
+
+
 def out_of_fold(x: Any, y: Any, c: float, groups: Any = None) -> Any:
     """Raw logits for every row from a model that did not see its fold (grouped by record
     when `groups` is given, so a record's rules never straddle train and test)."""
@@ -395,16 +411,7 @@ def train(args: argparse.Namespace) -> None:
         f"{100 * flagged[y == 1].mean():.1f} %, accuracy {100 * (flagged == (y == 1)).mean():.1f} %)"
         f", deny from {deny_above:.3f}"
     )
-    scaler, clf, _ = _fit(xs[layer], y, c)
-    decision = LinearProbe(
-        layer=layer,
-        mean=scaler.mean_,
-        scale=scaler.scale_,
-        coef=clf.coef_[0],
-        intercept=float(clf.intercept_[0]),
-        platt_a=a,
-        platt_b=b,
-    )
+    decision = fitted_probe(layer, xs[layer], y, c, (a, b))
 
     print("\nrelevance probe (end of each roll-call line), unsafe records, grouped 5-fold CV:")
     keep = np.array([bool(g) for g in feats["gold"]]) & (y == 1)
@@ -430,16 +437,7 @@ def train(args: argparse.Namespace) -> None:
         f"chosen layer {r_layer} (C={r_c}): pair AUC {_auc(ry, r_oof):.3f}; cite from "
         f"P(applies) >= {best_t:.2f}: out-of-fold evidence F1 {100 * best_f1:.1f} %"
     )
-    r_scaler, r_clf, _ = _fit(rxs[r_layer], ry, r_c)
-    relevance = LinearProbe(
-        layer=r_layer,
-        mean=r_scaler.mean_,
-        scale=r_scaler.scale_,
-        coef=r_clf.coef_[0],
-        intercept=float(r_clf.intercept_[0]),
-        platt_a=ra,
-        platt_b=rb,
-    )
+    relevance = fitted_probe(r_layer, rxs[r_layer], ry, r_c, (ra, rb))
     probes = ProbeSet(
         model=name,
         model_sha256=sha,

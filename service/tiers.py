@@ -127,6 +127,7 @@ class TierPool:
             tier.backend.load()
             if self._settings.warmup:
                 self._warm_up(tier, tier.backend)
+            tier.detail = None  # a refused probe says so here
             self._attach_probes(tier, tier.backend)
         except GatekeeperError as exc:
             missing = "not installed" in exc.message or "not found" in exc.message
@@ -135,8 +136,6 @@ class TierPool:
             logger.warning("tier %s %s: %s", tier.name, tier.state, exc.message)
             return
         tier.state = "loaded"
-        if tier.detail is None or not tier.detail.startswith("probe refused"):
-            tier.detail = None
         self._metrics.model_loaded.labels(tier.name, tier.model or "").set(1)
         logger.info("tier %s loaded %s", tier.name, tier.model)
 
