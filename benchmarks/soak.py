@@ -32,12 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["RECORDS", "soak"]
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's resident set, whole and split, from /proc (Linux): `anon` is heap
+    (Python's, glibc's arenas, llama.cpp's buffers), `file` the mapped pages of files (the
+    model's weights are mmapped: pages count once touched, and the kernel can drop them)."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    out = dict.fromkeys(fields.values(), float("nan"))
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(maxsplit=1)[0] if line else ""
+        if key in fields:
+            out[fields[key]] = int(line.split()[1]) / 1024
+    return out
+
+
 def rss_mb(pid: int) -> float:
     """The process's resident set size, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory_mb(pid)["rss"]
 
 
 async def send(
@@ -83,6 +93,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         env["GATEKEEPER_TIERS__EDGE__MODEL"] = args.model
     results: list[dict[str, Any]] = []
     samples: list[tuple[float, float]] = []
+    parts: list[dict[str, float]] = []  # anon / file split of each sample
     with gatekeeper_server(env, ready_timeout=600) as (url, proc):
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
             rate = await sustained_rate(client, bodies, args.calibrate)
@@ -97,7 +108,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
             async def sample() -> None:
                 while time.monotonic() < end:
-                    samples.append((time.monotonic() - t0, rss_mb(proc.pid)))
+                    memory = memory_mb(proc.pid)
+                    samples.append((time.monotonic() - t0, memory["rss"]))
+                    parts.append(memory)
                     await asyncio.sleep(args.sample_s)
 
             sampler = asyncio.create_task(sample())
@@ -111,9 +124,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(rng.expovariate(target))
             await asyncio.gather(*tasks)
             await sampler
-            samples.append((time.monotonic() - t0, rss_mb(proc.pid)))
+            memory = memory_mb(proc.pid)
+            samples.append((time.monotonic() - t0, memory["rss"]))
+            parts.append(memory)
             metrics = (await client.get("/metrics")).text
-    return summarise(args, rate, results, samples, metrics)
+    return summarise(args, rate, results, samples, metrics, parts)
 
 
 def summarise(
@@ -122,6 +137,7 @@ def summarise(
     results: list[dict[str, Any]],
     samples: list[tuple[float, float]],
     metrics: str,
+    parts: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     n = len(results)
     ok = [r for r in results if r["status"] == 200]
@@ -155,6 +171,19 @@ def summarise(
         f"RSS after {args.warmup_min:g} min warm-up: {warm[0]:.0f} -> {warm[-1]:.0f} MB at the end "
         f"({100 * growth:+.1f} %), peak {max(warm):.0f} MB ({100 * peak_growth:+.1f} %) (target < 5 %)"
     )
+    split = {}
+    if parts and len(parts) == len(samples):
+        first = next((i for i, (t, _) in enumerate(samples) if t >= warm_at), 0)
+        for key in ("anon", "file"):
+            a, b = parts[first][key], parts[-1][key]
+            split[key] = (a, b)
+        print(
+            "of which heap (RssAnon) "
+            + " -> ".join(f"{v:.0f}" for v in split["anon"])
+            + " MB, mapped files (RssFile, the model's weights) "
+            + " -> ".join(f"{v:.0f}" for v in split["file"])
+            + " MB over the same span"
+        )
     shed = [
         line
         for line in metrics.splitlines()
@@ -163,7 +192,7 @@ def summarise(
     if shed:
         print("server: " + "; ".join(shed))
     if args.out:
-        plot(results, samples, rate * args.rate_factor, args.out)
+        plot(results, samples, rate * args.rate_factor, args.out, parts)
     summary = {
         "requests": n,
         "answered": len(ok),
@@ -174,6 +203,7 @@ def summarise(
         "allow_degraded": allow_degraded,
         "rss_growth": growth,
         "rss_peak_growth": peak_growth,
+        "rss_split_mb": split,
         "sustained_rps": rate,
     }
     print(json.dumps(summary))
@@ -181,7 +211,11 @@ def summarise(
 
 
 def plot(
-    results: list[dict[str, Any]], samples: list[tuple[float, float]], rps: float, out: Path
+    results: list[dict[str, Any]],
+    samples: list[tuple[float, float]],
+    rps: float,
+    out: Path,
+    parts: list[dict[str, float]] | None = None,
 ) -> None:
     import matplotlib
 
@@ -189,8 +223,13 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    top.plot([t / 60 for t, _ in samples], [m for _, m in samples], "-", color="tab:blue")
-    top.set_ylabel("server RSS (MB)")
+    minutes = [t / 60 for t, _ in samples]
+    top.plot(minutes, [m for _, m in samples], "-", color="tab:blue", label="RSS")
+    if parts and len(parts) == len(samples):
+        top.plot(minutes, [p["anon"] for p in parts], "--", color="tab:purple", label="heap")
+        top.plot(minutes, [p["file"] for p in parts], ":", color="tab:gray", label="mapped files")
+        top.legend(fontsize=7)
+    top.set_ylabel("server memory (MB)")
     top.grid(alpha=0.3)
     top.set_title(f"Soak: edge model, Poisson arrivals at {rps:.2f} req/s", fontsize=10)
     for status, colour, label in ((200, "tab:green", "answered"), (429, "tab:orange", "rejected")):

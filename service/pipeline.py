@@ -11,6 +11,7 @@ import uuid
 from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier, run_probe_on_tier
 from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
+from service.injection import scan
 from service.prompt import PREAMBLE_CHARS, render_action
 from service.routing import Route, RouteKind, TierView, choose_route
 from service.schemas import (
@@ -19,6 +20,7 @@ from service.schemas import (
     EvaluateRequest,
     EvaluateResponse,
     EvidenceItem,
+    InjectionSignal,
     LoopReport,
     RouteInfo,
     TextAction,
@@ -127,6 +129,7 @@ class Gatekeeper:
         budget_ms = request.latency_budget_ms or self.settings.default_latency_budget_ms
         deadline = start + budget_ms / 1000.0
         try:
+            signals = self._scan(request, request_id)
             evidence = self._evidence(request)
             route = self._route(request, evidence, deadline - start)
         except Exception as exc:  # our own bug before any tier is chosen: fail closed too
@@ -156,14 +159,30 @@ class Gatekeeper:
             if request.tier is None:
                 outcome = await self._escalate(outcome, request, evidence, deadline, info)
         except FailClosed as fault:
-            return self._fail_closed(request_id, tier, fault, start, budget_ms, info)
+            return self._fail_closed(request_id, tier, fault, start, budget_ms, info, signals)
         except Exception as exc:  # our own bug: still an answer, and never "allow"
             logger.exception(
                 "unexpected error on the decision path", extra={"request_id": request_id}
             )
             bug = FailClosed(DegradedReason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-            return self._fail_closed(request_id, tier, bug, start, budget_ms, info)
-        return self._answer(request_id, outcome, start, budget_ms, info)
+            return self._fail_closed(request_id, tier, bug, start, budget_ms, info, signals)
+        return self._answer(request_id, outcome, start, budget_ms, info, signals)
+
+    def _scan(self, request: EvaluateRequest, request_id: str) -> list[InjectionSignal]:
+        """The tripwire (service.injection): what it finds caps the decision in `_answer`."""
+        signals = scan(request) if self.settings.injection_tripwire else []
+        for signal in signals:
+            place = signal.place.split("[", 1)[0]
+            self.metrics.injection_signals.labels(place, signal.kind).inc()
+        if signals:
+            logger.warning(
+                "judge-directed text in the request",
+                extra={
+                    "request_id": request_id,
+                    "signals": [f"{s.kind}@{s.place}" for s in signals],
+                },
+            )
+        return signals
 
     def refuse(
         self,
@@ -381,17 +400,36 @@ class Gatekeeper:
             self.metrics.loops.labels(loop.tier, loop.kind, loop.action).inc()
 
     def _answer(
-        self, request_id: str, outcome: Outcome, start: float, budget_ms: int, info: RouteInfo
+        self,
+        request_id: str,
+        outcome: Outcome,
+        start: float,
+        budget_ms: int,
+        info: RouteInfo,
+        signals: list[InjectionSignal],
     ) -> EvaluateResponse:
         answer, gen, tier = outcome.answer, outcome.generation, outcome.tier
         by_id = {item.id: item for item in outcome.built.evidence}
         decision = answer.decision
         confidence = confidence_of(decision, gen.choice_probs)
+        rationale, revision = answer.rationale, answer.revision
         threshold = outcome.allow_at if outcome.allow_at is not None else self._threshold(tier.name)
         if decision == Decision.ALLOW and confidence < threshold:
             # an engine that picks the decision itself (a remote one) is held to the same bar
             # as one whose decision we force from the logits
             decision, confidence = Decision.ESCALATE, 1.0 - confidence
+        if signals and decision in (Decision.ALLOW, Decision.REVISE):
+            # text in the request argued with the judge: whatever the model made of it, a
+            # human decides (a revision would be the model's action, written under its sway)
+            self.metrics.injection_capped.labels(tier.name, decision.value).inc()
+            places = ", ".join(sorted({s.place for s in signals}))
+            rationale = (
+                f"Escalated: the request holds text aimed at the judge ({places}); the model "
+                f"said {decision.value}. {rationale}"
+            ).strip()
+            if decision == Decision.ALLOW:
+                confidence = 1.0 - confidence
+            decision, revision = Decision.ESCALATE, None
         timing = Timing(
             queue_ms=outcome.queue_s * 1000,
             prefill_ms=gen.prefill_s * 1000,
@@ -404,8 +442,8 @@ class Gatekeeper:
             confidence=min(1.0, max(0.0, confidence)),
             evidence=[by_id[i] for i in answer.evidence],
             cited_history=list(answer.history),
-            rationale=answer.rationale,
-            revision=TextAction(text=answer.revision) if answer.revision else None,
+            rationale=rationale,
+            revision=TextAction(text=revision) if revision else None,
             tier=tier.name,
             model=tier.model,
             trimmed=outcome.built.trimmed,
@@ -414,6 +452,7 @@ class Gatekeeper:
             timing=timing,
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
             decided_by="probe" if outcome.decided_by == "probe" else "generation",
+            injection=signals,
         )
         self._observe(tier.name, response, budget_ms)
         return response
@@ -426,6 +465,7 @@ class Gatekeeper:
         start: float,
         budget_ms: int,
         info: RouteInfo,
+        signals: list[InjectionSignal] | None = None,
     ) -> EvaluateResponse:
         logger.warning(
             "fail-closed",
@@ -449,6 +489,7 @@ class Gatekeeper:
             loops=fault.loops,
             timing=Timing(total_ms=(time.monotonic() - start) * 1000),
             decided_by="none",
+            injection=signals or [],
         )
         self.metrics.fail_closed.labels(tier.name, fault.reason.value).inc()
         self._observe(tier.name, response, budget_ms)

@@ -197,6 +197,24 @@ class RouteInfo(BaseModel):
     )
 
 
+InjectionKind = Literal[
+    "template_marker",
+    "forged_answer",
+    "decision_directive",
+    "instruction_override",
+    "forged_section",
+    "role_header",
+]
+
+
+class InjectionSignal(BaseModel):
+    place: str = Field(
+        description="Where: 'action', 'goal', 'profile', 'history[N]' (1-based) or 'evidence[ID]'."
+    )
+    kind: InjectionKind
+    excerpt: str = Field(description="The folded text around the match, at most 80 characters.")
+
+
 class EvaluateResponse(BaseModel):
     request_id: str
     decision: Decision
@@ -225,6 +243,13 @@ class EvaluateResponse(BaseModel):
         description="What produced the decision: the model's constrained generation (the "
         "decision read from its logits), a trained probe on its hidden states (the rationale, "
         "if any, generated afterwards), or nothing (a fail-closed answer).",
+    )
+    injection: list[InjectionSignal] = Field(
+        default_factory=list,
+        description="Text in the request aimed at the judge rather than the agent's world "
+        "(chat-template markers, forged answers, directives about the decision, system or "
+        "judge headers). When any is found the decision is never allow or revise: those "
+        "become escalate.",
     )
 
 

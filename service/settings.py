@@ -216,6 +216,12 @@ class Settings(BaseSettings):
     fail_closed_decision: Literal["escalate", "deny"] = Field(
         default="escalate", description="The posture for every fault on the decision path."
     )
+    injection_tripwire: bool = Field(
+        default=True,
+        description="Read each request for text aimed at the judge (service/injection.py) and "
+        "answer escalate instead of allow or revise when any is found. Off only for agents "
+        "whose ordinary work is such text, and for measuring the model without it.",
+    )
     allow_threshold: float = Field(
         default=0.5,
         ge=0.0,

@@ -30,6 +30,20 @@ class Metrics:
             ["tier", "reason"],
             registry=r,
         )
+        self.injection_signals = Counter(
+            "gatekeeper_injection_signals",
+            "Judge-directed text found in requests, by place (action, goal, profile, history, "
+            "evidence) and kind.",
+            ["place", "kind"],
+            registry=r,
+        )
+        self.injection_capped = Counter(
+            "gatekeeper_injection_capped",
+            "Decisions turned into escalate because the request held judge-directed text, by "
+            "the decision the model gave.",
+            ["tier", "decision"],
+            registry=r,
+        )
         self.invalid_outputs = Counter(
             "gatekeeper_invalid_outputs",
             "Model outputs that failed verification.",

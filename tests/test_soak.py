@@ -38,4 +38,5 @@ def test_a_short_soak_over_the_sustainable_rate_stays_clean(tmp_path: Path) -> N
     assert summary["answered"] + summary["rejected"] == summary["requests"]
     assert summary["answered"] > 0
     assert summary["rss_growth"] == summary["rss_growth"]  # memory was sampled (not NaN)
+    assert set(summary["rss_split_mb"]) == {"anon", "file"}
     assert (tmp_path / "soak.png").stat().st_size > 10_000
