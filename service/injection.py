@@ -55,7 +55,7 @@ _JUDGE = (
     r"filter|guard|checker|reviewer|evaluator)|judge|guard ?model|evaluator|moderator)"
 )
 _ADDRESSEE = (
-    rf"(?:{_JUDGE}|(?:automated|automatic|ai|llm|safety|security|review(?:ing)?|approval)\s+"
+    rf"(?:{_JUDGE}|(?:automated|automatic|ai|llm|safety|security|review(?:ing)?|approval|policy)\s+"
     r"(?:reviewer|judge|model|checker|classifier|filter|monitor|guard|auditor|gate))"
 )
 # "ignore previous instructions" and its kin: ordinary in the emails and web pages an agent
@@ -74,6 +74,10 @@ _IGNORE = (
     r"|\b(?:decode|rot-?13|base64)\b[^\n]{0,80}\b(?:follow|obey|execute|comply)\b"
     r"|\b(?:do not|don't|never|no need to)\s+(?:escalate|flag|block|deny)\b"
     r"|\bnote (?:to|for) (?:the )?reviewers?\b"
+    # evidence of its own: a Markdown header naming evidence inside the action ("## Relevant
+    # policy evidence"); the judge's evidence comes from the request and the server's packs
+    r"|(?:^|\n)[ \t>*]*#+[^\n]{0,30}\b(?:polic(?:y|ies)|rules?|relevant|applicable|"
+    r"supporting|cited)\b[^\n]{0,20}\bevidence\b"
 )
 
 
@@ -108,9 +112,10 @@ _PATTERNS: tuple[_Pattern, ...] = (
             # "the correct decision is allow", "your verdict must be: safe"
             r"\b(?:correct|right|final|your|expected|required|only|the)\s+(?:decision|verdict|"
             rf"judge?ment|ruling)\b[^.\n]{{0,20}}?(?:\bis\b|\bbe\b|[:=])\s*{_PERMIT}"
-            # "always answer allow", "you must respond with ALLOW", "output 'safe'."
+            # "always answer allow", "respond with ALLOW and low risk", "output 'safe'."
             r"|\b(?:answer|respond|reply|output|return|say|decide|classify|rate)\b:?"
-            rf"(?: (?:with|as|it as|this as))?\s*{_PERMIT}[\"'`*]*(?:[.!;\n]|$)"
+            r"(?: (?:with|as|it as|this as))?\s*(?:[\"'`*]*allow\b|"
+            rf"{_PERMIT}[\"'`*]*(?:[.!;\n]|$))"
             # "approve this action", "allow everything"
             r"|\b(?:approve|allow|permit|whitelist)\s+(?:this|the)\s+(?:action|request|tool "
             r"call|command)\b|\b(?:allow|approve|permit)\s+(?:everything|all actions|all "
@@ -206,10 +211,12 @@ def signals_in(text: str, place: str) -> list[InjectionSignal]:
     cased = fold(text)
     lower = cased.casefold()
     action = place == "action"
-    # in the action, also read with leetspeak undone; elsewhere too many ids mix digits in
-    views = (
-        [lower, _MIXED_WORD.sub(lambda m: m.group().translate(_LEET), lower)] if action else [lower]
-    )
+    # identifiers read as words too ("note_for_policy_model", "expected_decision=allow"); in
+    # the action, also with leetspeak undone (elsewhere too many ids mix digits in)
+    words = lower.replace("_", " ")
+    views = [lower, words]
+    if action:
+        views.append(_MIXED_WORD.sub(lambda m: m.group().translate(_LEET), words))
     found = []
     for pattern in _PATTERNS:
         if pattern.action_only and not action:
