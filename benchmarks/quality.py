@@ -208,6 +208,12 @@ async def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--part", choices=["tuning", "report", "all"], default="report")
     parser.add_argument("--limit", type=int, default=0, help="label-balanced sample size (0: all)")
+    parser.add_argument(
+        "--ids",
+        type=Path,
+        help="only the records whose ids this file lists, one a line (e.g. those with cached "
+        "probe features: benchmarks.probes ids)",
+    )
     parser.add_argument("--tiers", default="edge", help="comma-separated tier names")
     parser.add_argument("--plain", action="store_true", help="also run the plain-prompt baseline")
     parser.add_argument("--no-gatekeeper", dest="gatekeeper", action="store_false")
@@ -235,6 +241,9 @@ async def main() -> None:
         service.prompt.SYSTEM_PROMPT = args.system_prompt.read_text("utf-8").strip()
     tuning, reporting = split(load_records(args.data))
     chosen = {"tuning": tuning, "report": reporting, "all": tuning + reporting}[args.part]
+    if args.ids:
+        wanted = set(args.ids.read_text("utf-8").split())
+        chosen = [r for r in chosen if r.id in wanted]
     records = sample(chosen, args.limit)
     pack = PolicyLibrary().get(DEFAULT_PACK)
     unsafe = sum(r.unsafe for r in records)
