@@ -79,7 +79,7 @@ async def sanity(args: argparse.Namespace) -> None:
         for row, request in zip(rows, requests, strict=True):
             row["generation"] = (await gatekeeper.evaluate(request)).decision.value
     _print(rows, probes.guard.max_distance, probes.guard.max_residual)
-    out = ROOT / "bench-results" / "probes"
+    out = args.out or ROOT / "bench-results" / "probes"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sanity-{args.tier}.json").write_text(json.dumps(rows, indent=1))
     np.savez(out / f"sanity-{args.tier}-features.npz", last=np.stack(features))

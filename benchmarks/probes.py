@@ -621,6 +621,9 @@ def main() -> None:
     )
     parser.add_argument("--probe", type=Path, help="sanity: the probe file (default: the tier's)")
     parser.add_argument("--budget-ms", type=int, default=600_000, help="sanity: latency budget")
+    parser.add_argument(
+        "--out", type=Path, help="sanity: output folder (default: bench-results/probes)"
+    )
     args = parser.parse_args()
     if args.command == "sanity":
         asyncio.run(probe_sanity.sanity(args))
