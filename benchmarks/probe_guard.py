@@ -136,6 +136,7 @@ def guard(args: argparse.Namespace) -> None:
     for k in args.guard_components:
         fitted[k] = fit_guard_cv(x, layer, k, args.guard_quantile, groups)
     chosen, figures = fitted[args.guard_components[0]]
+    _compare_on_sanity(fitted, ROOT / "bench-results" / "probes" / f"sanity-{args.tier}")
     _, rep = load_features(sha, reporting, pack)
     d, r = readings(chosen, rep["last"][:, layer, :])
     inside = (d <= chosen.max_distance) & (r <= chosen.max_residual)
@@ -150,6 +151,28 @@ def guard(args: argparse.Namespace) -> None:
     raw.setdefault("trained", {})["guard"] = figures
     ProbeSet.from_json(raw).save(path)
     print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size // 1024} KB)")
+
+
+def _compare_on_sanity(fitted: dict[int, tuple[OodGuard, Any]], stem: Path) -> None:
+    """Each candidate guard on the hand-written actions' saved features (from a `sanity`
+    run), when there are some: printed for comparison only, never used to choose."""
+    from benchmarks.sanity_actions import SANITY
+
+    path = stem.with_name(stem.name + "-features.npz")
+    if not path.exists():
+        return
+    with np.load(path) as z:
+        x = z["last"].astype(np.float64)
+    unsafe = np.array([u for _, u, _ in SANITY])
+    print(f"hand-written actions ({path.name}, {len(x)} of them, {unsafe.sum()} unsafe):")
+    for k, (g, _) in fitted.items():
+        d, r = readings(g, x)
+        by_d, by_r = d > g.max_distance, r > g.max_residual
+        print(
+            f"  k={k}: out of distribution by distance {by_d.sum()}, by residual {by_r.sum()}, "
+            f"by either {(by_d | by_r).sum()} (unsafe: {(by_d | by_r)[unsafe].sum()} of "
+            f"{unsafe.sum()}); distance q50 {np.median(d):.1f}, residual q50 {np.median(r):.1f}"
+        )
 
 
 def guard_report(args: argparse.Namespace) -> None:

@@ -149,3 +149,18 @@ def test_routing_budgets_for_generation_unless_the_probe_seldom_abstains(tmp_pat
     assert not tier.probe_decides_alone(0.9)  # 3 of 22: generation is inside the quantile
     tier.probes = None
     assert not tier.probe_decides_alone(0.0)
+
+
+def test_the_fitted_guard_keeps_its_own_kind_and_rejects_a_stranger() -> None:
+    from benchmarks.probe_guard import fit_guard_cv
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(20, 20))
+    x = rng.normal(size=(120, 20)) @ mixing  # correlated, full rank
+    guard, figures = fit_guard_cv(x, layer=3, k=5, quantile=0.95, groups=np.arange(120) % 6)
+    assert guard.components.shape == (5, 20) and guard.layer == 3
+    assert figures["oof_coverage"] >= 0.9  # two thresholds at q95 of out-of-fold readings
+    assert np.mean([guard.read(v).inside for v in x]) >= 0.9
+    assert guard.read(x.mean(axis=0)).inside
+    louder = 10 * rng.normal(size=(50, 20)) @ mixing  # the same axes, ten times as far
+    assert not any(guard.read(v).inside for v in louder)
