@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from service.ood import OodGuard
-from service.probes import ProbeSet
+from service.probes import LinearProbe, ProbeSet
 
 
-def fit_guard(x: Any, layer: int, k: int, quantile: float = 1.0) -> OodGuard:
+def fit_guard(x: Any, layer: int, k: int, quantile: float = 1.0, scores: Any = None) -> OodGuard:
     """Standardise, PCA to k components, Ledoit-Wolf covariance of the projections; the
     thresholds are the `quantile` of the fitting set's own distances (fit_guard_cv sets
-    honest ones)."""
+    honest ones); the score range is that of `scores`, the decision probe's raw scores on x
+    (unbounded without them)."""
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
@@ -49,6 +50,8 @@ def fit_guard(x: Any, layer: int, k: int, quantile: float = 1.0) -> OodGuard:
         precision=lw.precision_,
         max_distance=float("inf"),
         max_residual=float("inf"),
+        min_score=float(np.min(scores)) if scores is not None else -float("inf"),
+        max_score=float(np.max(scores)) if scores is not None else float("inf"),
     )
     d, r = readings(guard, x)
     return _with_bounds(guard, float(np.quantile(d, quantile)), float(np.quantile(r, quantile)))
@@ -62,8 +65,13 @@ def _with_bounds(guard: OodGuard, max_distance: float, max_residual: float) -> O
 
 def readings(guard: OodGuard, x: Any) -> tuple[Any, Any]:
     """(Mahalanobis distances, residuals) of each row."""
-    rows = [guard.read(v) for v in x]
-    return np.array([r.distance for r in rows]), np.array([r.residual for r in rows])
+    rows = np.array([guard.distances(v) for v in x]).reshape(-1, 2)
+    return rows[:, 0], rows[:, 1]
+
+
+def inside(guard: OodGuard, x: Any, scores: Any) -> Any:
+    """Whether each row, with the probe's raw score for it, is in distribution."""
+    return np.array([guard.read(v, float(s)).inside for v, s in zip(x, scores, strict=True)])
 
 
 def out_of_fold_readings(x: Any, layer: int, k: int, groups: Any) -> tuple[Any, Any]:
@@ -78,14 +86,15 @@ def out_of_fold_readings(x: Any, layer: int, k: int, groups: Any) -> tuple[Any, 
 
 
 def fit_guard_cv(
-    x: Any, layer: int, k: int, quantile: float, groups: Any
+    x: Any, layer: int, k: int, quantile: float, groups: Any, scores: Any
 ) -> tuple[OodGuard, dict[str, Any]]:
-    """The guard fitted on all of x, with thresholds at the `quantile` of out-of-fold
-    distances; and the figures, printed."""
+    """The guard fitted on all of x, with distance thresholds at the `quantile` of out-of-fold
+    distances and the score range of `scores` (the final probe's raw scores on x); and the
+    figures, printed."""
     d, r = out_of_fold_readings(x, layer, k, groups)
-    guard = fit_guard(x, layer, k)
+    guard = fit_guard(x, layer, k, scores=scores)
     guard = _with_bounds(guard, float(np.quantile(d, quantile)), float(np.quantile(r, quantile)))
-    inside = (d <= guard.max_distance) & (r <= guard.max_residual)
+    within = (d <= guard.max_distance) & (r <= guard.max_residual)
     d_in, r_in = readings(guard, x)
     figures = {
         "components": k,
@@ -94,13 +103,16 @@ def fit_guard_cv(
         "oof_residual": _quantiles(r),
         "in_sample_distance": _quantiles(d_in),
         "in_sample_residual": _quantiles(r_in),
-        "oof_coverage": float(inside.mean()),
+        "oof_coverage": float(within.mean()),
+        "score_range": [guard.min_score, guard.max_score],
     }
     print(
         f"  k={k}: out-of-fold distance q50/q95/q99/max {_fmt(d)}; residual {_fmt(r)}\n"
         f"         in-sample distance {_fmt(d_in)}; residual {_fmt(r_in)}\n"
         f"         thresholds at q{100 * quantile:g}: distance <= {guard.max_distance:.2f}, "
-        f"residual <= {guard.max_residual:.2f}; out-of-fold coverage {100 * inside.mean():.1f} %"
+        f"residual <= {guard.max_residual:.2f}; out-of-fold coverage {100 * within.mean():.1f} %\n"
+        f"         the probe's raw score on its training records: {guard.min_score:.2f} to "
+        f"{guard.max_score:.2f}"
     )
     return guard, figures
 
@@ -130,17 +142,25 @@ def guard(args: argparse.Namespace) -> None:
     pack = PolicyLibrary().get(DEFAULT_PACK)
     have, feats = load_features(sha, tuning, pack)
     x = feats["last"][:, layer, :]
+    scores = LinearProbe.from_json(raw["decision"]).score(x)
     groups = profile_groups(have)
     print(f"{name}: guard on layer {layer}, tuning part, {len(have)} records, folds by profile")
     fitted = {}
     for k in args.guard_components:
-        fitted[k] = fit_guard_cv(x, layer, k, args.guard_quantile, groups)
+        fitted[k] = fit_guard_cv(x, layer, k, args.guard_quantile, groups, scores)
     chosen, figures = fitted[args.guard_components[0]]
-    _compare_on_sanity(fitted, ROOT / "bench-results" / "probes" / f"sanity-{args.tier}")
+    decision = LinearProbe.from_json(raw["decision"])
+    for stem in ("sanity", "sanity-fresh"):
+        _compare_on_sanity(fitted, decision, ROOT / "bench-results" / "probes", stem, args.tier)
     _, rep = load_features(sha, reporting, pack)
-    d, r = readings(chosen, rep["last"][:, layer, :])
-    inside = (d <= chosen.max_distance) & (r <= chosen.max_residual)
-    print(f"reporting part ({len(d)} records): coverage {100 * inside.mean():.1f} %")
+    x_rep = rep["last"][:, layer, :]
+    d, r = readings(chosen, x_rep)
+    by_distances = (d <= chosen.max_distance) & (r <= chosen.max_residual)
+    print(
+        f"reporting part ({len(d)} records): in distribution by the distances "
+        f"{100 * by_distances.mean():.1f} %, and by the score range too "
+        f"{100 * inside(chosen, x_rep, decision.score(x_rep)).mean():.1f} %"
+    )
     again = OodGuard.from_json(json.loads(json.dumps(chosen.to_json())))
     d2, _ = readings(again, x)
     print(
@@ -153,25 +173,32 @@ def guard(args: argparse.Namespace) -> None:
     print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size // 1024} KB)")
 
 
-def _compare_on_sanity(fitted: dict[int, tuple[OodGuard, Any]], stem: Path) -> None:
-    """Each candidate guard on the hand-written actions' saved features (from a `sanity`
-    run), when there are some: printed for comparison only, never used to choose."""
-    from benchmarks.sanity_actions import SANITY
+def _compare_on_sanity(
+    fitted: dict[int, tuple[OodGuard, Any]], decision: LinearProbe, out: Path, stem: str, tier: str
+) -> None:
+    """Each candidate guard on hand-written actions' saved features (from a `sanity` run),
+    when there are some: printed for comparison only, never used to choose."""
+    from benchmarks import sanity_actions
 
-    path = stem.with_name(stem.name + "-features.npz")
+    path = out / f"{stem}-{tier}-features.npz"
     if not path.exists():
         return
     with np.load(path) as z:
         x = z["last"].astype(np.float64)
-    unsafe = np.array([u for _, u, _ in SANITY])
+    actions = sanity_actions.SANITY if stem == "sanity" else sanity_actions.SANITY_FRESH
+    unsafe = np.array([u for _, u, _ in actions])
+    scores = decision.score(x)
     print(f"hand-written actions ({path.name}, {len(x)} of them, {unsafe.sum()} unsafe):")
     for k, (g, _) in fitted.items():
         d, r = readings(g, x)
         by_d, by_r = d > g.max_distance, r > g.max_residual
+        by_s = (scores < g.min_score) | (scores > g.max_score)
+        out_any = by_d | by_r | by_s
         print(
             f"  k={k}: out of distribution by distance {by_d.sum()}, by residual {by_r.sum()}, "
-            f"by either {(by_d | by_r).sum()} (unsafe: {(by_d | by_r)[unsafe].sum()} of "
-            f"{unsafe.sum()}); distance q50 {np.median(d):.1f}, residual q50 {np.median(r):.1f}"
+            f"by score {by_s.sum()}, by any {out_any.sum()} (unsafe: {out_any[unsafe].sum()} "
+            f"of {unsafe.sum()}); distance q50 {np.median(d):.1f}, residual q50 "
+            f"{np.median(r):.1f}, score {scores.min():.1f} to {scores.max():.1f}"
         )
 
 
@@ -193,37 +220,46 @@ def guard_report(args: argparse.Namespace) -> None:
     last = feats["last"]
     p = probes.decision.prob(last[:, probes.decision.layer, :])
     probe_flags = p > probes.allow_below
-    d, r = readings(probes.guard, last[:, probes.guard.layer, :])
-    inside = (d <= probes.guard.max_distance) & (r <= probes.guard.max_residual)
+    x_guard = last[:, probes.guard.layer, :]
+    d, r = readings(probes.guard, x_guard)
+    by_distances = (d <= probes.guard.max_distance) & (r <= probes.guard.max_residual)
+    scores = probes.decision.score(last[:, probes.decision.layer, :])
+    within = inside(probes.guard, x_guard, scores)
     generation = _generation_flags(args.generation, [rec.id for rec in have])
     print(
         f"{name}: reporting part, {len(y)} records ({y.sum()} unsafe); guard on layer "
         f"{probes.guard.layer}: distance <= {probes.guard.max_distance:.2f}, residual <= "
-        f"{probes.guard.max_residual:.2f}"
+        f"{probes.guard.max_residual:.2f}, score {probes.guard.min_score:.2f} to "
+        f"{probes.guard.max_score:.2f}\nin distribution by the distances alone: "
+        f"{100 * by_distances.mean():.1f} %"
     )
     print(
-        f"coverage (not abstained) {100 * inside.mean():.1f} % ({inside.sum()} of {len(y)}); "
-        f"abstained on {int((~inside & y).sum())} unsafe, {int((~inside & ~y).sum())} safe"
+        f"in distribution {100 * within.mean():.1f} % ({within.sum()} of {len(y)}); outside: "
+        f"{int((~within & y).sum())} unsafe, {int((~within & ~y).sum())} safe, of which the "
+        f"probe would allow {int((~within & ~probe_flags).sum())} (the service's abstentions)"
     )
-    if inside.any():
+    if within.any():
         print(
-            f"probe where it answers: accuracy {100 * (probe_flags == y)[inside].mean():.1f} %, "
-            f"unsafe recall {_recall(probe_flags[inside], y[inside])}"
+            f"probe where it answers: accuracy {100 * (probe_flags == y)[within].mean():.1f} %, "
+            f"unsafe recall {_recall(probe_flags[within], y[within])}"
         )
-    # an allow stands only in distribution; a deny may stand anyway (it can only tighten)
-    tighten_only = inside | probe_flags
+    # the service's rule: an allow stands only in distribution; a deny stands anyway (it can
+    # only tighten). The stricter rule abstains on everything outside.
+    tighten_only = within | probe_flags
     rows: dict[str, Any] = {"probe alone (no guard)": probe_flags}
     if generation is not None:
         rows["generation alone"] = generation
-        rows["probe, abstain -> generation"] = np.where(inside, probe_flags, generation)
+        rows["probe, abstain -> generation"] = np.where(within, probe_flags, generation)
         rows["probe, OOD allow -> generation"] = np.where(tighten_only, probe_flags, generation)
+        rows["probe, OOD allow -> escalate"] = tighten_only & probe_flags | ~tighten_only
     print(f"\n{'run':<34}{'acc%':>7}{'rec%':>7}{'prec%':>7}{'to generation':>15}")
-    figures: dict[str, Any] = {"coverage": float(inside.mean())}
+    figures: dict[str, Any] = {"coverage": float(within.mean())}
     for label, flags in rows.items():
         acc = float((flags == y).mean())
         to_gen = {
-            "probe, abstain -> generation": int((~inside).sum()),
+            "probe, abstain -> generation": int((~within).sum()),
             "probe, OOD allow -> generation": int((~tighten_only).sum()),
+            "probe, OOD allow -> escalate": 0,
             "generation alone": len(y),
         }.get(label, 0)
         prec = float(y[flags].mean()) if flags.any() else 0.0

@@ -14,13 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.sanity_actions import SANITY
+from benchmarks.sanity_actions import SANITY, SANITY_FRESH
+from service.ood import OodGuard
 from service.schemas import EvaluateRequest
+
+
+def _actions(args: argparse.Namespace) -> tuple[str, list[tuple[str, bool, dict[str, Any]]]]:
+    """(file stem, actions) for --actions."""
+    return ("sanity", SANITY) if args.actions == "first" else ("sanity-fresh", SANITY_FRESH)
 
 
 def _requests(args: argparse.Namespace) -> list[EvaluateRequest]:
     update = {"tier": args.tier, "explain": False, "latency_budget_ms": args.budget_ms}
-    return [EvaluateRequest.model_validate(body | update) for _, _, body in SANITY]
+    return [EvaluateRequest.model_validate(body | update) for _, _, body in _actions(args)[1]]
 
 
 async def sanity(args: argparse.Namespace) -> None:
@@ -31,6 +37,7 @@ async def sanity(args: argparse.Namespace) -> None:
     from service.prompt import build_prompt
     from service.settings import load_settings
 
+    stem, actions = _actions(args)
     requests = _requests(args)
     evidence = list(PolicyLibrary().get(DEFAULT_PACK).items)
     rows: list[dict[str, Any]] = []
@@ -43,7 +50,7 @@ async def sanity(args: argparse.Namespace) -> None:
         tier = gatekeeper.pool.get(args.tier)
         probes, backend = tier.probes, tier.backend
         assert probes is not None and backend is not None
-        for (label, unsafe, _), request in zip(SANITY, requests, strict=True):
+        for (label, unsafe, _), request in zip(actions, requests, strict=True):
             # the features the service reads, from the same prompt (a second prefill: most of
             # it comes from the KV cache)
             built = build_prompt(
@@ -58,8 +65,9 @@ async def sanity(args: argparse.Namespace) -> None:
             at = {layer: k for k, layer in enumerate(states.layers)}
             x = states.last[at[probes.guard.layer]]
             features.append(x)
-            p = float(probes.decision.prob(states.last[at[probes.decision.layer]]))
-            reading = probes.guard.read(x)
+            x_decision = states.last[at[probes.decision.layer]]
+            p = float(probes.decision.prob(x_decision))
+            reading = probes.guard.read(x, float(probes.decision.score(x_decision)))
             served = await gatekeeper.evaluate(request)
             rows.append(
                 {
@@ -69,6 +77,7 @@ async def sanity(args: argparse.Namespace) -> None:
                     "probe": probe_decision(probes, p).value,
                     "distance": reading.distance,
                     "residual": reading.residual,
+                    "score": reading.score,
                     "inside": reading.inside,
                     "service": served.decision.value,
                     "decided_by": served.decided_by,
@@ -78,28 +87,30 @@ async def sanity(args: argparse.Namespace) -> None:
     async with in_process(args.tier, "generation") as gatekeeper:
         for row, request in zip(rows, requests, strict=True):
             row["generation"] = (await gatekeeper.evaluate(request)).decision.value
-    _print(rows, probes.guard.max_distance, probes.guard.max_residual)
+    _print(rows, probes.guard)
     out = args.out or ROOT / "bench-results" / "probes"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"sanity-{args.tier}.json").write_text(json.dumps(rows, indent=1))
-    np.savez(out / f"sanity-{args.tier}-features.npz", last=np.stack(features))
-    print(f"\nwrote {out}/sanity-{args.tier}.json and the layer's features")
+    (out / f"{stem}-{args.tier}.json").write_text(json.dumps(rows, indent=1))
+    np.savez(out / f"{stem}-{args.tier}-features.npz", last=np.stack(features))
+    print(f"\nwrote {out}/{stem}-{args.tier}.json and the layer's features")
 
 
-def _print(rows: list[dict[str, Any]], max_distance: float, max_residual: float) -> None:
+def _print(rows: list[dict[str, Any]], guard: OodGuard) -> None:
     print(
-        f"guard: in distribution when distance <= {max_distance:.2f} and residual <= "
-        f"{max_residual:.2f}\n"
+        f"guard: in distribution when distance <= {guard.max_distance:.2f}, residual <= "
+        f"{guard.max_residual:.2f} and score within {guard.min_score:.2f} to "
+        f"{guard.max_score:.2f}\n"
     )
     print(
         f"{'hand-written action':<46}{'unsafe':>7}{'P(uns)':>8}{'dist':>7}{'resid':>7}"
-        f"{'abstain':>8}{'probe on':>10}{'by':>12}{'probe off':>10}"
+        f"{'score':>7}{'abstain':>8}{'probe on':>10}{'by':>12}{'probe off':>10}"
     )
     for r in rows:
         abstained = r["decided_by"] == "generation"
         print(
             f"{r['action'][:45]:<46}{'yes' if r['unsafe'] else 'no':>7}{r['p_unsafe']:>8.3f}"
-            f"{r['distance']:>7.1f}{r['residual']:>7.1f}{'yes' if abstained else 'no':>8}"
+            f"{r['distance']:>7.1f}{r['residual']:>7.1f}{r['score']:>7.1f}"
+            f"{'yes' if abstained else 'no':>8}"
             f"{r['service']:>10}{r['decided_by']:>12}{r['generation']:>10}"
         )
     for key, name in (("service", "probe on (guarded)"), ("generation", "probe off")):

@@ -426,6 +426,7 @@ def train(args: argparse.Namespace) -> None:
         args.guard_components[0],
         args.guard_quantile,
         profiles,
+        decision.score(feats["last"][:, layer, :]),
     )
 
     print("\nrelevance probe (end of each roll-call line), unsafe records, grouped 5-fold CV:")
@@ -620,6 +621,13 @@ def main() -> None:
         "the same records, for the decisions where the probe abstains",
     )
     parser.add_argument("--probe", type=Path, help="sanity: the probe file (default: the tier's)")
+    parser.add_argument(
+        "--actions",
+        choices=["first", "fresh"],
+        default="first",
+        help="sanity: the first hand-written set (25) or the fresh one (16), "
+        "benchmarks/sanity_actions.py",
+    )
     parser.add_argument("--budget-ms", type=int, default=600_000, help="sanity: latency budget")
     parser.add_argument(
         "--out", type=Path, help="sanity: output folder (default: bench-results/probes)"

@@ -277,18 +277,20 @@ def run_probe_on_tier(
     tier.observe(prefill)
     metrics.tokens.labels(tier.name, "prompt").inc(states.prompt_tokens)
     at = {layer: k for k, layer in enumerate(states.layers)}
+    score = float(probes.decision.score(states.last[at[probes.decision.layer]]))
     p_unsafe = float(probes.decision.prob(states.last[at[probes.decision.layer]]))
     decision = probe_decision(probes, p_unsafe)
-    reading = probes.guard.read(states.last[at[probes.guard.layer]])
+    reading = probes.guard.read(states.last[at[probes.guard.layer]], score)
     abstain = decision == Decision.ALLOW and not reading.inside
     tier.note_probe(abstained=abstain)
     if abstain:
         metrics.probe_abstentions.labels(tier.name).inc()
         logger.info(
-            "probe on %s abstains (distance %.1f, residual %.1f): generation decides",
+            "probe on %s abstains (distance %.1f, residual %.1f, score %.1f): generation decides",
             tier.name,
             reading.distance,
             reading.residual,
+            score,
         )
         return run_on_tier(
             tier,

@@ -4,9 +4,13 @@ states the probe was trained on, so that the probe abstains where its answer mea
 The features are standardised as the probe's were, projected on the training set's first k
 principal components, and scored two ways, both inspectable and both cheap (a k x d product):
 the Mahalanobis distance inside the k-dimensional subspace (Ledoit-Wolf covariance) and the
-norm of what the subspace leaves out (the residual, in standard units). A request is in
-distribution only when both are within the thresholds chosen on the training set's
-out-of-fold distances (benchmarks/probe_guard.py prints them). Numpy only, like the probes."""
+norm of what the subspace leaves out (the residual, in standard units); both thresholds are
+quantiles of the training set's out-of-fold distances (benchmarks/probe_guard.py prints them).
+A third reading is the probe's own raw score: it must lie within the range the probe gave its
+training records. The decision direction carries little of the states' variance, so a state
+can sit among the training states on every principal axis and still lie far beyond them
+along that one direction (hand-written actions did: P(unsafe) = 0.000, scores below any
+training record's). A request is in distribution only when all three hold. Numpy only."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ def _rounded(values: Any) -> Any:
 class GuardReading:
     distance: float  # Mahalanobis, inside the principal subspace
     residual: float  # norm of the standardised state outside it
+    score: float  # the decision probe's raw score (logit before calibration)
     inside: bool
 
 
@@ -40,18 +45,29 @@ class OodGuard:
     precision: Any  # (k, k) inverse of the Ledoit-Wolf covariance of the projections
     max_distance: float
     max_residual: float
+    min_score: float  # the range of the decision probe's raw score on its training records
+    max_score: float
 
-    def read(self, x: Any) -> GuardReading:
-        """The two distances of one state vector, and whether both are within bounds."""
+    def distances(self, x: Any) -> tuple[float, float]:
+        """(Mahalanobis distance inside the principal subspace, residual outside it)."""
         import numpy as np
 
         z = (np.asarray(x, np.float64) - self.mean) / self.scale
         s = self.components @ z
         diff = s - self.location
         distance = float(np.sqrt(max(0.0, diff @ self.precision @ diff)))
-        residual = float(np.linalg.norm(z - self.components.T @ s))
-        inside = distance <= self.max_distance and residual <= self.max_residual
-        return GuardReading(distance, residual, inside)
+        return distance, float(np.linalg.norm(z - self.components.T @ s))
+
+    def read(self, x: Any, score: float) -> GuardReading:
+        """The distances of one state vector, and whether they and the probe's score for it
+        are all within bounds."""
+        distance, residual = self.distances(x)
+        inside = (
+            distance <= self.max_distance
+            and residual <= self.max_residual
+            and self.min_score <= score <= self.max_score
+        )
+        return GuardReading(distance, residual, score, inside)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +79,8 @@ class OodGuard:
             "precision": _rounded(self.precision),
             "max_distance": float(self.max_distance),
             "max_residual": float(self.max_residual),
+            "min_score": float(self.min_score),
+            "max_score": float(self.max_score),
         }
 
     @classmethod
@@ -78,6 +96,8 @@ class OodGuard:
             precision=np.asarray(raw["precision"], np.float64),
             max_distance=float(raw["max_distance"]),
             max_residual=float(raw["max_residual"]),
+            min_score=float(raw["min_score"]),
+            max_score=float(raw["max_score"]),
         )
         k, d = guard.components.shape
         shapes = (guard.mean.shape, guard.scale.shape, guard.location.shape, guard.precision.shape)

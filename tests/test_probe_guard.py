@@ -43,6 +43,18 @@ async def test_an_allow_out_of_distribution_goes_to_generation(tmp_path: Path) -
     assert edge.prefills == [(2, 3)]  # one prefill for the probe, then generation
 
 
+async def test_an_allow_beyond_the_probe_score_range_goes_to_generation(tmp_path: Path) -> None:
+    edge = HiddenFake(scripts=[Script(answer("escalate"))])
+    edge.loudness = 6.0  # distance 6 / 3 = 2 and residual 0 pass; the score -6 is beyond -4
+    request = sample_request(tier="edge", explain=False, action=SAFE_ACTION)
+    async with fake_app({"edge": edge}, tiers=probe_tiers(probe_file(tmp_path))) as client:
+        body = (await client.post("/evaluate", json=request)).json()
+        metrics = (await client.get("/metrics")).text
+    assert body["decision"] == "escalate" and body["decided_by"] == "generation"
+    assert 'gatekeeper_probe_abstentions_total{tier="edge"} 1.0' in metrics
+    assert len(edge.requests) == 1
+
+
 async def test_an_allow_in_distribution_stands_without_generating(tmp_path: Path) -> None:
     edge = HiddenFake(scripts=[Script(error="generation must not run")])
     edge.ood_shift = 0.5  # residual 0.5 <= 1
@@ -119,14 +131,15 @@ def test_the_guard_reads_distance_and_residual() -> None:
     guard = fake_guard()
     x = np.zeros(D)
     x[0], x[1], x[4] = 3.0, 4.0, 0.5
-    reading = guard.read(x)
+    reading = guard.read(x, score=3.0)
     assert reading.distance == pytest.approx(5.0 / 3.0)  # sqrt(9 + 16) / 3
     assert reading.residual == pytest.approx(0.5)
     assert reading.inside
+    assert not guard.read(x, score=-4.5).inside  # beyond the probe's training range
     x[1] = 6.0  # sqrt(9 + 36) / 3 = 2.24 > 2
-    assert not guard.read(x).inside
+    assert not guard.read(x, score=3.0).inside
     again = OodGuard.from_json(json.loads(json.dumps(guard.to_json())))
-    assert again.read(x).distance == pytest.approx(guard.read(x).distance, rel=1e-3)  # 4 digits
+    assert again.distances(x)[0] == pytest.approx(guard.distances(x)[0], rel=1e-3)  # 4 digits
 
 
 def test_a_guard_whose_arrays_disagree_is_refused() -> None:
@@ -157,10 +170,12 @@ def test_the_fitted_guard_keeps_its_own_kind_and_rejects_a_stranger() -> None:
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(20, 20))
     x = rng.normal(size=(120, 20)) @ mixing  # correlated, full rank
-    guard, figures = fit_guard_cv(x, layer=3, k=5, quantile=0.95, groups=np.arange(120) % 6)
+    scores = x[:, 0]  # a stand-in for the decision probe's raw scores
+    guard, figures = fit_guard_cv(x, 3, 5, 0.95, np.arange(120) % 6, scores)
     assert guard.components.shape == (5, 20) and guard.layer == 3
+    assert (guard.min_score, guard.max_score) == (scores.min(), scores.max())
     assert figures["oof_coverage"] >= 0.9  # two thresholds at q95 of out-of-fold readings
-    assert np.mean([guard.read(v).inside for v in x]) >= 0.9
-    assert guard.read(x.mean(axis=0)).inside
+    assert np.mean([guard.read(v, s).inside for v, s in zip(x, scores, strict=True)]) >= 0.9
+    assert guard.read(x.mean(axis=0), 0.0).inside
     louder = 10 * rng.normal(size=(50, 20)) @ mixing  # the same axes, ten times as far
-    assert not any(guard.read(v).inside for v in louder)
+    assert not any(guard.read(v, 0.0).inside for v in louder)

@@ -48,7 +48,11 @@ async def test_sanity_runs_every_action_through_both_paths(
 
     monkeypatch.setattr(quality, "in_process", fake_in_process)
     args = argparse.Namespace(
-        tier="edge", budget_ms=60_000, probe=probe_file(tmp_path), out=tmp_path / "out"
+        tier="edge",
+        budget_ms=60_000,
+        probe=probe_file(tmp_path),
+        out=tmp_path / "out",
+        actions="first",
     )
     await probe_sanity.sanity(args)
     rows = json.loads((tmp_path / "out" / "sanity-edge.json").read_text())

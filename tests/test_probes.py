@@ -37,6 +37,7 @@ class HiddenFake(FakeBackend):
         self.prefill_error: str | None = None
         self.prefill_delay_s = 0.0
         self.ood_shift = 0.0
+        self.loudness = 3.0  # dimension 0's size, which the decision probe reads as its score
 
     @property
     def n_layers(self) -> int:
@@ -62,7 +63,7 @@ class HiddenFake(FakeBackend):
         user = prompt.messages[-1].content
         action = user[user.index("## Proposed action") :]
         last = np.zeros((len(layers), D), np.float32)
-        last[:, 0] = 3.0 if "rm -rf" in action else -3.0
+        last[:, 0] = self.loudness if "rm -rf" in action else -self.loudness
         last[:, 5] = self.ood_shift
         out = np.zeros((len(layers), len(marks), D), np.float32)
         for j, mark in enumerate(marks):
@@ -79,7 +80,7 @@ def _probe(dim: int, layer: int) -> LinearProbe:
 
 def fake_guard(layer: int = 3) -> OodGuard:
     """In distribution: dimensions 0 and 1 within 6 of zero (Mahalanobis 2 with variance 9),
-    and less than 1 elsewhere (the residual)."""
+    less than 1 elsewhere (the residual), and the decision probe's score within 4 of zero."""
     return OodGuard(
         layer=layer,
         mean=np.zeros(D),
@@ -89,6 +90,8 @@ def fake_guard(layer: int = 3) -> OodGuard:
         precision=np.eye(2) / 9.0,
         max_distance=2.0,
         max_residual=1.0,
+        min_score=-4.0,
+        max_score=4.0,
     )
 
 
