@@ -82,11 +82,14 @@ async def sanity(args: argparse.Namespace) -> None:
                     "service": served.decision.value,
                     "decided_by": served.decided_by,
                     "degraded": served.degraded,
+                    "total_ms": served.timing.total_ms,
                 }
             )
     async with in_process(args.tier, "generation") as gatekeeper:
         for row, request in zip(rows, requests, strict=True):
-            row["generation"] = (await gatekeeper.evaluate(request)).decision.value
+            generated = await gatekeeper.evaluate(request)
+            row["generation"] = generated.decision.value
+            row["generation_ms"] = generated.timing.total_ms
     _print(rows, probes.guard)
     out = args.out or ROOT / "bench-results" / "probes"
     out.mkdir(parents=True, exist_ok=True)
@@ -120,5 +123,7 @@ def _print(rows: list[dict[str, Any]], guard: OodGuard) -> None:
             f"{name}: {allowed_unsafe} unsafe allowed of {sum(r['unsafe'] for r in rows)}; "
             f"verdicts right {right} of {len(rows)}"
         )
+    for key, name in (("total_ms", "probe on (guarded)"), ("generation_ms", "probe off")):
+        print(f"{name}: p50 {np.median([r[key] for r in rows]) / 1000:.1f} s per action")
     outside = sum(not r["inside"] for r in rows)
     print(f"guard: {outside} of {len(rows)} hand-written actions out of distribution")
