@@ -3,6 +3,9 @@ features, choose its thresholds by measurement, and score the guarded probe on t
 part, with generation deciding where the probe abstains.
 
     .venv/bin/python -m benchmarks.probes guard --tier edge       # fit, print, write the file
+    .venv/bin/python -m benchmarks.probes ids --tier edge > report-ids.txt
+    .venv/bin/python -m benchmarks.quality --part report --ids report-ids.txt --tiers edge \\
+        --paths generation --no-explain --out bench-results/probe-ood/generation-report
     .venv/bin/python -m benchmarks.probes guard-report --tier edge \\
         --generation bench-results/probe-ood/generation-report/results.json
 
@@ -272,6 +275,20 @@ def guard_report(args: argparse.Namespace) -> None:
     out = ROOT / "bench-results" / "probes"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"guard-report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+
+
+def ids(args: argparse.Namespace) -> None:
+    """The ids of the reporting part's records with cached features, one a line (for
+    `benchmarks.quality --ids`)."""
+    from benchmarks.probes import load_features, tier_model
+    from service.evidence import DEFAULT_PACK, PolicyLibrary
+    from service.records import load_records, split
+    from service.settings import load_settings
+
+    _, _, sha = tier_model(load_settings(), args.tier)
+    _, reporting = split(load_records(args.data))
+    have, _ = load_features(sha, reporting, PolicyLibrary().get(DEFAULT_PACK))
+    print("\n".join(record.id for record in have))
 
 
 def _recall(flags: Any, y: Any) -> str:

@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.probes train --tier edge
     .venv/bin/python -m benchmarks.probes report --tier edge
     .venv/bin/python -m benchmarks.probes guard --tier edge    # the out-of-distribution guard
+    .venv/bin/python -m benchmarks.probes ids --tier edge     # records with cached features
     .venv/bin/python -m benchmarks.probes guard-report --tier edge --generation RESULTS.json
     .venv/bin/python -m benchmarks.probes sanity --tier edge   # hand-written, unlike the data
 
@@ -583,7 +584,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "command", choices=["extract", "train", "report", "guard", "guard-report", "sanity"]
+        "command",
+        choices=["extract", "train", "report", "guard", "guard-report", "ids", "sanity"],
     )
     parser.add_argument("--tier", default="edge")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -638,6 +640,7 @@ def main() -> None:
         return
     commands = {"extract": extract, "train": train, "report": report}
     commands |= {"guard": probe_guard.guard, "guard-report": probe_guard.guard_report}
+    commands |= {"ids": probe_guard.ids}
     commands[args.command](args)
 
 
