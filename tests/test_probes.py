@@ -295,7 +295,8 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
 
     settings = load_settings()
     edge = settings.tiers["edge"]
-    # off by default (docs/probes.md: it does not generalise beyond its training data)
+    # off by default (docs/probes.md: it does not generalise beyond its training data, and
+    # its out-of-distribution guard let 4 of 8 fresh unsafe hand-written actions through)
     assert edge.probe is None
     probes = ProbeSet.load(Path(__file__).parents[1] / "models" / "probes" / f"{edge.model}.json")
     assert probes.prompt_version == PROBE_PROMPT_VERSION
@@ -305,3 +306,8 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
     assert 0.0 <= probes.allow_below <= probes.deny_above <= 1.0
     assert probes.relevance is not None
     assert probes.trained["part"] == "tuning"
+    # the guard reads the decision layer, with thresholds measured out of fold
+    assert probes.guard.layer == probes.decision.layer
+    assert probes.guard.max_distance < float("inf") and probes.guard.max_residual < float("inf")
+    assert probes.guard.min_score < 0.0 < probes.guard.max_score
+    assert 0.9 <= probes.trained["guard"]["oof_coverage"] <= 1.0
