@@ -17,8 +17,10 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -27,6 +29,9 @@ from benchmarks.scoring import Case, summary, threshold_sweep
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
 from service.records import Record, load_records, split
 from service.schemas import EvaluateResponse
+
+if TYPE_CHECKING:
+    from service.pipeline import Gatekeeper
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "assebench" / "AgentJudge-security.json"
@@ -85,6 +90,38 @@ def from_response(record: Record, pack: PolicyPack, answer: EvaluateResponse) ->
     )
 
 
+@asynccontextmanager
+async def in_process(
+    tier: str, path: str = "configured", probe: Path | None = None
+) -> AsyncIterator[Gatekeeper]:
+    """The pipeline the server runs, with one tier loaded. `path`: 'configured' as tiers.toml
+    says; 'generation' with the tier's probe turned off; 'probe' requires one (`probe`, or
+    the configured one)."""
+    from service.pipeline import Gatekeeper
+    from service.settings import load_settings
+    from service.telemetry import Metrics
+    from service.tiers import TierPool
+
+    settings = load_settings(load_tiers=[tier], warmup=False)
+    if path == "generation" or probe is not None:
+        update = {"probe": probe if path == "probe" else None}
+        settings.tiers[tier] = settings.tiers[tier].model_copy(update=update)
+    if path == "probe" and settings.tiers[tier].probe is None:
+        raise SystemExit(f"tier {tier} has no probe configured")
+    metrics = Metrics()
+    pool = TierPool(settings, metrics)
+    await pool.load_all()
+    loaded = pool.get(tier)
+    if loaded.state != "loaded":
+        raise SystemExit(f"tier {tier} is {loaded.state}: {loaded.detail}")
+    if path == "probe" and loaded.probes is None:
+        raise SystemExit(f"tier {tier}: {loaded.detail}")
+    try:
+        yield Gatekeeper(settings, pool, PolicyLibrary(settings.policy_dirs), metrics)
+    finally:
+        pool.close()
+
+
 async def run_gatekeeper(
     records: list[Record],
     tier: str,
@@ -111,31 +148,10 @@ async def run_gatekeeper(
                 cases.append(from_response(record, pack, answer))
                 bar.update()
     else:
-        from service.pipeline import Gatekeeper
-        from service.settings import load_settings
-        from service.telemetry import Metrics
-        from service.tiers import TierPool
-
-        settings = load_settings(load_tiers=[tier], warmup=False)
-        if path == "generation":
-            settings.tiers[tier] = settings.tiers[tier].model_copy(update={"probe": None})
-        elif path == "probe" and settings.tiers[tier].probe is None:
-            raise SystemExit(f"tier {tier} has no probe configured")
-        metrics = Metrics()
-        pool = TierPool(settings, metrics)
-        await pool.load_all()
-        loaded = pool.get(tier)
-        if loaded.state != "loaded":
-            raise SystemExit(f"tier {tier} is {loaded.state}: {loaded.detail}")
-        if path == "probe" and loaded.probes is None:
-            raise SystemExit(f"tier {tier}: {loaded.detail}")
-        gatekeeper = Gatekeeper(settings, pool, PolicyLibrary(settings.policy_dirs), metrics)
-        try:
+        async with in_process(tier, path) as gatekeeper:
             for record, body in zip(records, bodies, strict=True):
                 cases.append(from_response(record, pack, await gatekeeper.evaluate(body)))
                 bar.update()
-        finally:
-            pool.close()
     bar.close()
     return cases
 
@@ -208,6 +224,12 @@ async def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--part", choices=["tuning", "report", "all"], default="report")
     parser.add_argument("--limit", type=int, default=0, help="label-balanced sample size (0: all)")
+    parser.add_argument(
+        "--ids",
+        type=Path,
+        help="only the records whose ids this file lists, one a line (e.g. those with cached "
+        "probe features: benchmarks.probes ids)",
+    )
     parser.add_argument("--tiers", default="edge", help="comma-separated tier names")
     parser.add_argument("--plain", action="store_true", help="also run the plain-prompt baseline")
     parser.add_argument("--no-gatekeeper", dest="gatekeeper", action="store_false")
@@ -235,6 +257,9 @@ async def main() -> None:
         service.prompt.SYSTEM_PROMPT = args.system_prompt.read_text("utf-8").strip()
     tuning, reporting = split(load_records(args.data))
     chosen = {"tuning": tuning, "report": reporting, "all": tuning + reporting}[args.part]
+    if args.ids:
+        wanted = set(args.ids.read_text("utf-8").split())
+        chosen = [r for r in chosen if r.id in wanted]
     records = sample(chosen, args.limit)
     pack = PolicyLibrary().get(DEFAULT_PACK)
     unsafe = sum(r.unsafe for r in records)

@@ -242,13 +242,20 @@ def run_probe_on_tier(
     queue_s: float,
     *,
     settings: Settings,
+    choose: ChoicePolicy,
     metrics: Metrics,
     max_prompt_tokens: int | None = None,
 ) -> Outcome:
     """The decision and the cited evidence from the tier's probes after one prefill; then,
     when the request asks for an explanation and the budget allows, the rationale (and the
     revision, if any) by constrained generation with the decision fixed. The prompt is
-    already in the KV cache, so that generation starts decoding at once."""
+    already in the KV cache, so that generation starts decoding at once.
+
+    When the probe would allow a request whose hidden state lies outside its training data
+    (the guard), it abstains and generation decides, under `choose` and the same deadline:
+    far from its data the probe's P(unsafe) means nothing (it said 0.000 to `rm -rf` of a
+    photo folder). A deny or escalate out there stands: it can only make the answer
+    stricter, and generation would cost a decode to loosen it."""
     backend, probes = tier.backend, tier.probes
     assert isinstance(backend, HiddenStateReader) and probes is not None
     built = _build(tier, request, evidence, settings, max_prompt_tokens, roll_call=True)
@@ -270,8 +277,32 @@ def run_probe_on_tier(
     tier.observe(prefill)
     metrics.tokens.labels(tier.name, "prompt").inc(states.prompt_tokens)
     at = {layer: k for k, layer in enumerate(states.layers)}
+    score = float(probes.decision.score(states.last[at[probes.decision.layer]]))
     p_unsafe = float(probes.decision.prob(states.last[at[probes.decision.layer]]))
     decision = probe_decision(probes, p_unsafe)
+    reading = probes.guard.read(states.last[at[probes.guard.layer]], score)
+    abstain = decision == Decision.ALLOW and not reading.inside
+    tier.note_probe(abstained=abstain)
+    if abstain:
+        metrics.probe_abstentions.labels(tier.name).inc()
+        logger.info(
+            "probe on %s abstains (distance %.1f, residual %.1f, score %.1f): generation decides",
+            tier.name,
+            reading.distance,
+            reading.residual,
+            score,
+        )
+        return run_on_tier(
+            tier,
+            request,
+            evidence,
+            deadline,
+            queue_s,
+            settings=settings,
+            choose=choose,
+            metrics=metrics,
+            max_prompt_tokens=max_prompt_tokens,
+        )
     cited: list[str] = []
     ids = [item.id for item in built.evidence]
     if decision != Decision.ALLOW and probes.relevance is not None and ids:
@@ -286,6 +317,7 @@ def run_probe_on_tier(
         rationale=(
             f"Probe on layer {probes.decision.layer}: P(unsafe) = {p_unsafe:.2f}"
             + (f"; applicable: {', '.join(cited)}" if cited else "")
+            + ("" if reading.inside else "; the request is unlike the probe's training data")
             + "."
         ),
     )

@@ -46,7 +46,8 @@ def _ms(seconds: float) -> float | None:
 def _output_tokens(rationale_chars: int, explain: bool, probe: bool = False) -> int:
     """Upper bound the grammar puts on the answer, in tokens (decision, ids, rationale). A
     probe answers after the prefill: its rationale is generated only if time is left, so
-    routing counts none."""
+    routing counts none (`probe`: the tier's probe decides alone often enough, see
+    Tier.probe_decides_alone)."""
     if probe:
         return 0
     return int(rationale_chars / _CHARS_PER_TOKEN) + 48 if explain else 8
@@ -233,7 +234,7 @@ class Gatekeeper:
             if tier is None:
                 continue
             limits = tier.settings
-            probe = tier.probes is not None
+            probe = tier.probe_decides_alone(self.settings.latency_quantile)
             out = min(
                 limits.max_tokens,
                 _output_tokens(limits.rationale_chars, request.explain, probe),
@@ -285,7 +286,7 @@ class Gatekeeper:
                 _output_tokens(
                     stronger.settings.rationale_chars,
                     request.explain,
-                    stronger.probes is not None,
+                    stronger.probe_decides_alone(self.settings.latency_quantile),
                 ),
             )
             queue_s = stronger.pending * stronger.latency.typical_service_s()
@@ -357,18 +358,8 @@ class Gatekeeper:
         max_prompt_tokens: int | None,
     ) -> Outcome:
         def job(queue_s: float) -> Outcome:
-            if tier.probes is not None:
-                return run_probe_on_tier(
-                    tier,
-                    request,
-                    evidence,
-                    deadline,
-                    queue_s,
-                    settings=self.settings,
-                    metrics=self.metrics,
-                    max_prompt_tokens=max_prompt_tokens,
-                )
-            return run_on_tier(
+            run = run_probe_on_tier if tier.probes is not None else run_on_tier
+            return run(
                 tier,
                 request,
                 evidence,

@@ -9,16 +9,19 @@ Serving needs numpy only (it comes with llama-cpp-python); scikit-learn is for t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigurationError
+from service.ood import OodGuard
 from service.prompt import PROMPT_VERSION
 from service.weights import sha256_file
 
-PROBE_FORMAT = 1
+# 2: an out-of-distribution guard is part of the file (format 1 had none, and is refused)
+PROBE_FORMAT = 2
 # The prompt the probes read: the generation prompt plus the evidence roll-call.
 PROBE_PROMPT_VERSION = f"{PROMPT_VERSION}+rollcall1"
 
@@ -77,7 +80,8 @@ class LinearProbe:
 
 @dataclass(frozen=True)
 class ProbeSet:
-    """The probes for one model and prompt, with the thresholds tuned with them."""
+    """The probes for one model and prompt, with the thresholds tuned with them and the guard
+    that says when a request lies too far from their training data for them to answer."""
 
     model: str
     model_sha256: str
@@ -89,10 +93,11 @@ class ProbeSet:
     deny_above: float
     relevance_threshold: float
     trained: dict[str, Any]  # how and on what it was trained, and its figures
+    guard: OodGuard
 
     @property
     def layers(self) -> tuple[int, ...]:
-        wanted = {self.decision.layer}
+        wanted = {self.decision.layer, self.guard.layer}
         if self.relevance is not None:
             wanted.add(self.relevance.layer)
         return tuple(sorted(wanted))
@@ -109,31 +114,49 @@ class ProbeSet:
             "trained": self.trained,
             "decision": self.decision.to_json(),
             "relevance": self.relevance.to_json() if self.relevance else None,
+            "guard": self.guard.to_json(),
         }
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        # one key a line, but a list of numbers on one line: the guard's matrices would
+        # otherwise take a line per number
+        text = json.dumps(self.to_json(), indent=1)
+        text = re.sub(r"(?<=[\[,])\n\s*(?=-?\d)", "", text)
+        text = re.sub(r"(?<=\d)\n\s*(?=\])", "", text)
+        path.write_text(text + "\n")
 
     @classmethod
     def load(cls, path: Path) -> ProbeSet:
         try:
-            raw = json.loads(path.read_text("utf-8"))
-            if raw.get("format") != PROBE_FORMAT:
-                raise ConfigurationError(f"{path}: probe format {raw.get('format')!r} unknown")
-            return cls(
-                model=str(raw["model"]),
-                model_sha256=str(raw["model_sha256"]),
-                prompt_version=str(raw["prompt_version"]),
-                decision=LinearProbe.from_json(raw["decision"]),
-                relevance=LinearProbe.from_json(raw["relevance"]) if raw["relevance"] else None,
-                allow_below=float(raw["allow_below"]),
-                deny_above=float(raw["deny_above"]),
-                relevance_threshold=float(raw["relevance_threshold"]),
-                trained=dict(raw.get("trained") or {}),
-            )
+            return cls.from_json(json.loads(path.read_text("utf-8")))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{path}: {exc.message}") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigurationError(f"cannot read probe {path}: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ProbeSet:
+        if raw.get("format") == 1:
+            raise ConfigurationError(
+                "probe format 1 has no out-of-distribution guard, and a probe without one "
+                "answers confidently on requests unlike its training data; add one with "
+                "`python -m benchmarks.probes guard` (docs/probes.md)"
+            )
+        if raw.get("format") != PROBE_FORMAT:
+            raise ConfigurationError(f"probe format {raw.get('format')!r} unknown")
+        return cls(
+            model=str(raw["model"]),
+            model_sha256=str(raw["model_sha256"]),
+            prompt_version=str(raw["prompt_version"]),
+            decision=LinearProbe.from_json(raw["decision"]),
+            relevance=LinearProbe.from_json(raw["relevance"]) if raw["relevance"] else None,
+            allow_below=float(raw["allow_below"]),
+            deny_above=float(raw["deny_above"]),
+            relevance_threshold=float(raw["relevance_threshold"]),
+            trained=dict(raw.get("trained") or {}),
+            guard=OodGuard.from_json(raw["guard"]),
+        )
 
     def check(self, model_sha256: str) -> None:
         """Refuse a probe trained for another model or prompt."""

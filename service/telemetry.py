@@ -24,6 +24,13 @@ class Metrics:
             ["tier", "path"],
             registry=r,
         )
+        self.probe_abstentions = Counter(
+            "gatekeeper_probe_abstentions",
+            "Requests a probe would have allowed but found unlike its training data (its "
+            "out-of-distribution guard), so generation decided instead.",
+            ["tier"],
+            registry=r,
+        )
         self.fail_closed = Counter(
             "gatekeeper_fail_closed",
             "Fail-closed (degraded) answers, by reason.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Tier:
     pending: int = 0  # admitted requests waiting or running; counted by the pipeline
     probes: ProbeSet | None = None  # the tier decides through these when set
     latency: LatencyModel = field(default_factory=LatencyModel)
+    # recent probe answers: True where the probe abstained and generation decided
+    probe_abstained: deque[bool] = field(default_factory=lambda: deque(maxlen=64))
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier")
     )
@@ -70,6 +73,18 @@ class Tier:
             completion_tokens=generation.completion_tokens,
             decode_s=generation.decode_s,
         )
+
+    def note_probe(self, *, abstained: bool) -> None:
+        self.probe_abstained.append(abstained)
+
+    def probe_decides_alone(self, quantile: float) -> bool:
+        """Whether the probe answered without generation in at least `quantile` of recent
+        requests: only then is the latency at that quantile a prefill alone. Before any
+        answer, or when it abstains often, routing must budget for the generation."""
+        if self.probes is None or not self.probe_abstained:
+            return False
+        alone = 1.0 - sum(self.probe_abstained) / len(self.probe_abstained)
+        return alone >= quantile
 
     async def run(self, fn: Callable[[float], T], deadline: float) -> T:
         """Run `fn(queue_wait_s)` on the tier's worker; give up waiting at `deadline`."""

@@ -15,6 +15,7 @@ import pytest
 from service.backends.base import HiddenStates, Prompt
 from service.backends.fake import FakeBackend, Script
 from service.errors import BackendError, ConfigurationError
+from service.ood import OodGuard
 from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeMismatchError, ProbeSet
 from service.settings import TierSettings
 from tests.conftest import answer, fake_app, sample_request
@@ -26,7 +27,8 @@ SHA = "ab" * 32
 class HiddenFake(FakeBackend):
     """Hidden states as a function of the prompt: dimension 0 of the last token is +3 when
     the proposed action deletes something, -3 otherwise; dimension 1 of a roll-call line is
-    +3 for the items named in `applies`."""
+    +3 for the items named in `applies`; dimension 5 of the last token is `ood_shift`, which
+    the guard of `probe_file` reads as out of distribution from 1 on."""
 
     def __init__(self, *args: Any, applies: tuple[str, ...] = ("R1",), **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -34,6 +36,8 @@ class HiddenFake(FakeBackend):
         self.prefills: list[tuple[int, ...]] = []
         self.prefill_error: str | None = None
         self.prefill_delay_s = 0.0
+        self.ood_shift = 0.0
+        self.loudness = 3.0  # dimension 0's size, which the decision probe reads as its score
 
     @property
     def n_layers(self) -> int:
@@ -59,7 +63,8 @@ class HiddenFake(FakeBackend):
         user = prompt.messages[-1].content
         action = user[user.index("## Proposed action") :]
         last = np.zeros((len(layers), D), np.float32)
-        last[:, 0] = 3.0 if "rm -rf" in action else -3.0
+        last[:, 0] = self.loudness if "rm -rf" in action else -self.loudness
+        last[:, 5] = self.ood_shift
         out = np.zeros((len(layers), len(marks), D), np.float32)
         for j, mark in enumerate(marks):
             item = mark[1 : mark.index("]")]
@@ -73,6 +78,23 @@ def _probe(dim: int, layer: int) -> LinearProbe:
     return LinearProbe(layer, np.zeros(D), np.ones(D), coef, intercept=0.0)
 
 
+def fake_guard(layer: int = 3) -> OodGuard:
+    """In distribution: dimensions 0 and 1 within 6 of zero (Mahalanobis 2 with variance 9),
+    less than 1 elsewhere (the residual), and the decision probe's score within 4 of zero."""
+    return OodGuard(
+        layer=layer,
+        mean=np.zeros(D),
+        scale=np.ones(D),
+        components=np.eye(D)[:2],
+        location=np.zeros(2),
+        precision=np.eye(2) / 9.0,
+        max_distance=2.0,
+        max_residual=1.0,
+        min_score=-4.0,
+        max_score=4.0,
+    )
+
+
 def probe_file(tmp_path: Path, sha: str = SHA, prompt_version: str = PROBE_PROMPT_VERSION) -> Path:
     probes = ProbeSet(
         model="fake-model",
@@ -84,6 +106,7 @@ def probe_file(tmp_path: Path, sha: str = SHA, prompt_version: str = PROBE_PROMP
         deny_above=0.8,
         relevance_threshold=0.5,
         trained={"test": True},
+        guard=fake_guard(),
     )
     path = tmp_path / "probe.json"
     probes.save(path)
@@ -106,7 +129,7 @@ async def test_probe_decides_and_cites_after_one_prefill(tmp_path: Path) -> None
     assert edge.prefills == [(2, 3)]  # the two probes' layers, read in one prefill
     (generation,) = edge.requests
     assert generation.choose is not None and generation.choose({"allow": 0.99}) == "deny"
-    assert '"evidence"' not in generation.constraint.gbnf  # the probe cites, not generation
+    assert "evidence" not in generation.constraint.schema["properties"]  # the probe cites
 
 
 async def test_probe_allows_a_safe_action_without_generating(tmp_path: Path) -> None:
@@ -272,7 +295,8 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
 
     settings = load_settings()
     edge = settings.tiers["edge"]
-    # off by default (docs/probes.md: it does not generalise beyond its training data)
+    # off by default (docs/probes.md: it does not generalise beyond its training data, and
+    # its out-of-distribution guard let 4 of 8 fresh unsafe hand-written actions through)
     assert edge.probe is None
     probes = ProbeSet.load(Path(__file__).parents[1] / "models" / "probes" / f"{edge.model}.json")
     assert probes.prompt_version == PROBE_PROMPT_VERSION
@@ -282,3 +306,8 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
     assert 0.0 <= probes.allow_below <= probes.deny_above <= 1.0
     assert probes.relevance is not None
     assert probes.trained["part"] == "tuning"
+    # the guard reads the decision layer, with thresholds measured out of fold
+    assert probes.guard.layer == probes.decision.layer
+    assert probes.guard.max_distance < float("inf") and probes.guard.max_residual < float("inf")
+    assert probes.guard.min_score < 0.0 < probes.guard.max_score
+    assert 0.9 <= probes.trained["guard"]["oof_coverage"] <= 1.0
