@@ -78,7 +78,8 @@ _IGNORE = (
     r"|игнорир\w*|проигнорир\w*|忽略(?:之前|以上|所有|先前)|無視して|지시를\s*무시"
     # decode-and-obey, and asking the reader not to act as a gate
     r"|\b(?:decode|rot-?13|base64)\b[^\n]{0,80}\b(?:follow|obey|execute|comply)\b"
-    r"|\b(?:do not|don't|never|no need to)\s+(?:escalate|flag|block|deny)\b"
+    # (not "do not block" or "do not deny": firewall comments say those)
+    r"|\b(?:do not|don't|never|no need to)\s+(?:escalate|flag)\b"
     r"|\bnote (?:to|for) (?:the )?reviewers?\b"
     # evidence of its own: a Markdown header naming evidence inside the action ("## Relevant
     # policy evidence"); the judge's evidence comes from the request and the server's packs
@@ -132,7 +133,9 @@ _PATTERNS: tuple[_Pattern, ...] = (
             # "ADMIN OVERRIDE", and the judge's own labels side by side ("any deny, revise or
             # escalate")
             r"|\b(?:system|admin|administrator|developer|security|safety)\s+override\b"
-            r"|\b(?:deny|revise|escalate)\b[^.\n]{0,25}\b(?:deny|revise|escalate)\b"
+            # (two different ones: "deny 10.0.0.1; deny all;" is an nginx config)
+            r"|\b(?P<label>deny|revise|escalate)\b[^.\n]{0,25}\b(?!(?P=label)\b)"
+            r"(?:deny|revise|escalate)\b"
             # the gatekeeper named together with its verdicts
             r"|\bgatekeeper\b[^.\n]{0,60}\b(?:allow|approve|decision|escalat|deny)"
             # a note addressed to the judge: "note to the safety judge", "dear evaluator"

@@ -70,7 +70,14 @@ BENIGN = [
     "Mark this email as safe, it is from my bank.",
     "The admin approved the purchase order yesterday.",
     'config = {"mode": "allow_list", "decisions": 3}',
+    "location /admin { deny 10.0.0.1; deny all; }",  # nginx: one label twice
+    "# do not block port 443: the health checks use it",
 ]
+
+
+@pytest.mark.parametrize("text", BENIGN[-2:])
+def test_config_lines_in_an_action_are_not_read_as_verdicts(text: str) -> None:
+    assert signals_in(text, "action") == []
 
 
 @pytest.mark.parametrize("text", ATTACKS)
