@@ -14,14 +14,24 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.action_sets import named_set, set_label
 from benchmarks.sanity_actions import SANITY, SANITY_FRESH
 from service.ood import OodGuard
 from service.schemas import EvaluateRequest
 
 
 def _actions(args: argparse.Namespace) -> tuple[str, list[tuple[str, bool, dict[str, Any]]]]:
-    """(file stem, actions) for --actions."""
-    return ("sanity", SANITY) if args.actions == "first" else ("sanity-fresh", SANITY_FRESH)
+    """(file stem, actions) for --actions: `first`, `fresh` or a hand-written set
+    (benchmarks/action_sets.py)."""
+    if args.actions == "first":
+        return "sanity", SANITY
+    if args.actions == "fresh":
+        return "sanity-fresh", SANITY_FRESH
+    records = named_set(args.actions)
+    return set_label(args.actions), [
+        (str(r.raw.get("note") or r.id), r.unsafe, r.request.model_dump(exclude_none=True))
+        for r in records
+    ]
 
 
 def _requests(args: argparse.Namespace) -> list[EvaluateRequest]:

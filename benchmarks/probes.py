@@ -34,20 +34,25 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks import probe_guard, probe_sanity
+from benchmarks.action_sets import named_set, set_label
 from benchmarks.probe_guard import fit_guard_cv
 from benchmarks.quality import DEFAULT_DATA, gold_ids
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
 from service.grammar import DECISIONS
 from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, model_sha256
-from service.prompt import build_prompt
+from service.prompt import BuiltPrompt, build_prompt
 from service.records import Record, load_records, split
 from service.settings import Settings, load_settings
 from service.weights import ModelStore
+
+if TYPE_CHECKING:
+    from service.backends.llama_cpp import LlamaCppBackend
+    from service.schemas import EvidenceItem
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = Path.home() / ".cache" / "gatekeeper" / "features"
@@ -93,14 +98,40 @@ def feature_dir(sha: str) -> Path:
     return FEATURES / f"{sha[:16]}-{PROBE_PROMPT_VERSION}"
 
 
-def extract(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
+def reading_backend(tier: str) -> LlamaCppBackend:
+    """The tier's model, loaded with hidden-state reading."""
     from service.backends.llama_cpp import LlamaCppBackend
 
     settings = load_settings()
-    limits = settings.tiers[args.tier]
-    name, path, sha = tier_model(settings, args.tier)
+    limits = settings.tiers[tier]
+    name, path, _ = tier_model(settings, tier)
+    backend = LlamaCppBackend(
+        name, path, n_ctx=limits.n_ctx, n_threads=limits.n_threads, hidden_states=True
+    )
+    backend.load()
+    return backend
+
+
+def probe_prompt(
+    record: Record, backend: Any, settings: Settings, tier: str, evidence: list[EvidenceItem]
+) -> BuiltPrompt:
+    """The probe prompt for a record: the service's prompt and a roll-call line per item."""
+    limits = settings.tiers[tier]
+    return build_prompt(
+        record.request,
+        evidence,
+        count_tokens=backend.count_tokens,
+        max_prompt_tokens=limits.n_ctx - limits.max_tokens,
+        max_turn_chars=settings.max_turn_chars,
+        roll_call=True,
+    )
+
+
+def extract(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    settings = load_settings()
+    name, _, sha = tier_model(settings, args.tier)
     out_dir = feature_dir(sha)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.json").write_text(
@@ -108,20 +139,20 @@ def extract(args: argparse.Namespace) -> None:
     )
     pack = PolicyLibrary().get(DEFAULT_PACK)
     evidence = list(pack.items)
-    tuning, reporting = split(load_records(args.data))
-    parts = {"tuning": tuning, "report": reporting}
-    if args.part == "all":
-        records = interleave(balanced_order(tuning), balanced_order(reporting), 2)
+    if args.set:  # hand-written sets (benchmarks/action_sets.py), whole
+        records = [r for name in args.set for r in named_set(name)]
     else:
-        records = balanced_order(parts[args.part])
+        tuning, reporting = split(load_records(args.data))
+        parts = {"tuning": tuning, "report": reporting}
+        if args.part == "all":
+            records = interleave(balanced_order(tuning), balanced_order(reporting), 2)
+        else:
+            records = balanced_order(parts[args.part])
     if args.limit:
         records = records[: args.limit]
     todo = [r for r in records if not (out_dir / f"{r.id}.npz").exists()]
     print(f"{name} ({sha[:12]}): {len(records)} records, {len(todo)} to extract into {out_dir}")
-    backend = LlamaCppBackend(
-        name, path, n_ctx=limits.n_ctx, n_threads=limits.n_threads, hidden_states=True
-    )
-    backend.load()
+    backend = reading_backend(args.tier)
     layers = tuple(range(backend.n_layers - 1))
     started = time.monotonic()
     tokens = 0
@@ -130,14 +161,7 @@ def extract(args: argparse.Namespace) -> None:
         for record in tqdm(todo, unit="rec"):
             if args.max_seconds and time.monotonic() - started > args.max_seconds:
                 break  # a bounded chunk: run again to go on where this one stopped
-            built = build_prompt(
-                record.request,
-                evidence,
-                count_tokens=backend.count_tokens,
-                max_prompt_tokens=limits.n_ctx - limits.max_tokens,
-                max_turn_chars=settings.max_turn_chars,
-                roll_call=True,
-            )
+            built = probe_prompt(record, backend, settings, args.tier, evidence)
             states = backend.hidden_states(
                 built.prompt, layers=layers, marks=built.marks, choices=DECISIONS
             )
@@ -325,9 +349,16 @@ def cite(probs: Any, ids: list[str], threshold: float, max_cited: int) -> set[st
 
 
 def profile_groups(records: list[Record]) -> Any:
-    """One group per agent profile (ASSEBench's domains)."""
+    """One group per agent profile (ASSEBench's domains), and one per scenario of a
+    hand-written set (a request and its twins in the same context)."""
     names: dict[str, int] = {}
-    return np.array([names.setdefault(r.request.agent.profile or "", len(names)) for r in records])
+
+    def key(r: Record) -> str:
+        if "scenario" in r.raw:
+            return f"scenario:{r.raw['scenario']}"
+        return f"profile:{r.request.agent.profile or ''}"
+
+    return np.array([names.setdefault(key(r), len(names)) for r in records])
 
 
 def text_baseline(records: list[Record], y: Any, profiles: Any) -> None:
@@ -374,9 +405,17 @@ def train(args: argparse.Namespace) -> None:
     name, _, sha = tier_model(settings, args.tier)
     pack = PolicyLibrary().get(DEFAULT_PACK)
     tuning, _ = split(load_records(args.data))
-    have, feats = load_features(sha, tuning, pack)
+    extra = {set_label(n): named_set(n) for n in args.extra}
+    have, feats = load_features(sha, tuning + [r for rs in extra.values() for r in rs], pack)
     y = feats["y"]
+    ids_of = {label: {r.id for r in rs} for label, rs in extra.items()}
+    source = np.array(
+        [next((k for k, v in ids_of.items() if r.id in v), "assebench") for r in have]
+    )
     print(f"{name}: tuning part, {len(have)} records with features ({y.sum()} unsafe)")
+    for label in ["assebench", *extra]:
+        mine = source == label
+        print(f"  {label}: {mine.sum()} records ({y[mine].sum()} unsafe)")
     if len(have) < 40:
         raise SystemExit("too few records: run `extract` first")
     n_layers = feats["last"].shape[1]
@@ -419,6 +458,16 @@ def train(args: argparse.Namespace) -> None:
         f"{100 * flagged[y == 1].mean():.1f} %, accuracy {100 * (flagged == (y == 1)).mean():.1f} %)"
         f", deny from {deny_above:.3f}"
     )
+    if extra:
+        print("  out of fold, by source:")
+        for label in ["assebench", *extra]:
+            mine = source == label
+            ym, fm = y[mine], flagged[mine]
+            print(
+                f"    {label:<26} AUC {_auc(ym, oof[mine]):.3f}  accuracy "
+                f"{100 * (fm == (ym == 1)).mean():.1f} %  unsafe recall "
+                f"{100 * fm[ym == 1].mean():.1f} %  safe allowed {100 * (~fm[ym == 0]).mean():.1f} %"
+            )
     decision = fitted_probe(layer, xs[layer], y, c, (a, b))
     print("\nout-of-distribution guard on the same layer, folds by agent profile:")
     guard, guard_figures = fit_guard_cv(
@@ -469,6 +518,7 @@ def train(args: argparse.Namespace) -> None:
             "guard": guard_figures,
             "data": args.data.name,
             "part": "tuning",
+            "extra": {label: int((source == label).sum()) for label in extra},
             "records": len(have),
             "unsafe": int(y.sum()),
             "seed": SEED,
@@ -547,9 +597,83 @@ def report(args: argparse.Namespace) -> None:
     print(
         f"prefill p50 {np.median(feats['prefill_s']):.2f} s per record (probe path, uncached part)"
     )
+    if args.heldout:
+        figures["heldout"] = report_heldout(probes, sha, pack, args)
     out = ROOT / "bench-results" / "probes"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+
+
+def report_heldout(
+    probes: ProbeSet, sha: str, pack: PolicyPack, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The probe, alone and behind its guard, on hand-written sets' cached features: how many
+    unsafe requests it would allow (named), accuracy, AUC, and evidence where there is gold."""
+    from benchmarks.probe_guard import inside
+
+    print(
+        f"\n{'hand-written set':<28}{'n':>4}{'unsafe':>7}{'acc%':>7}{'rec%':>7}{'AUC':>7}"
+        f"{'in dist':>8}{'unsafe allowed':>16}{'+ guard':>9}{'evidence F1':>13}"
+    )
+    figures: dict[str, Any] = {}
+    slips: list[str] = []
+    for name in args.heldout:
+        have, feats = load_features(sha, named_set(name), pack)
+        if not have:
+            print(f"{set_label(name):<28} no cached features: run `extract --set {name}`")
+            continue
+        y = feats["y"]
+        x = feats["last"][:, probes.decision.layer, :]
+        p = probes.decision.prob(x)
+        flagged = p > probes.allow_below
+        within = (
+            inside(probes.guard, feats["last"][:, probes.guard.layer, :], probes.decision.score(x))
+            if probes.guard is not None
+            else np.ones(len(y), dtype=bool)
+        )
+        allowed = (~flagged) & (y == 1)
+        guarded = allowed & within  # an allow outside goes to generation
+        slips += [
+            f"  {set_label(name)} {r.id}: {r.raw.get('note', '')} (P(unsafe) "
+            f"{p[i]:.3f}{', in distribution' if within[i] else ''})"
+            for i, r in enumerate(have)
+            if allowed[i]
+        ]
+        ev: dict[str, float] | None = None
+        if probes.relevance is not None and any(feats["gold"]):
+            rel = probes.relevance
+            cited, gold = [], []
+            for i in np.flatnonzero((y == 1) & np.array([bool(g) for g in feats["gold"]])):
+                probs = rel.prob(feats["marks"][i][rel.layer])
+                cited.append(
+                    cite(probs, feats["ids"][i], probes.relevance_threshold, args.max_cited)
+                )
+                gold.append(feats["gold"][i])
+            ev = evidence_prf(cited, gold)
+        acc = float((flagged == (y == 1)).mean())
+        rec = float(flagged[y == 1].mean()) if y.any() else float("nan")
+        figures[set_label(name)] = {
+            "records": len(y),
+            "unsafe": int(y.sum()),
+            "accuracy": acc,
+            "recall": rec,
+            "auc": _auc(y, p),
+            "in_distribution": float(within.mean()),
+            "unsafe_allowed": int(allowed.sum()),
+            "unsafe_allowed_guarded": int(guarded.sum()),
+            "evidence": ev,
+        }
+        print(
+            f"{set_label(name):<28}{len(y):>4}{int(y.sum()):>7}{100 * acc:>7.1f}"
+            f"{100 * rec:>7.1f}{_auc(y, p):>7.3f}{int(within.sum()):>8}{int(allowed.sum()):>16}"
+            f"{int(guarded.sum()):>9}" + (f"{100 * ev['f1']:>12.1f}%" if ev else f"{'-':>13}")
+        )
+    if slips:
+        print(
+            "unsafe requests the probe would allow (the guard sends those outside to generation):"
+        )
+        print("\n".join(slips))
+    return figures
 
 
 def plot_layers(name: str, dec: list[dict[str, Any]], rel: list[dict[str, Any]], out: Path) -> None:
@@ -590,6 +714,25 @@ def main() -> None:
     parser.add_argument("--tier", default="edge")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--part", choices=["tuning", "report", "all"], default="all")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="extract: a hand-written set instead of ASSEBench (benchmarks/action_sets.py: "
+        "sanity-first, sanity-fresh, a stem under benchmarks/data/ or a path); repeatable",
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="train: a hand-written set trained on beside ASSEBench's tuning part; repeatable",
+    )
+    parser.add_argument(
+        "--heldout",
+        action="append",
+        default=[],
+        help="report: a hand-written set scored from its cached features; repeatable",
+    )
     parser.add_argument("--limit", type=int, default=0, help="extract at most this many records")
     parser.add_argument(
         "--max-seconds", type=float, default=0, help="extract: stop after this long (0: never)"
@@ -625,10 +768,9 @@ def main() -> None:
     parser.add_argument("--probe", type=Path, help="sanity: the probe file (default: the tier's)")
     parser.add_argument(
         "--actions",
-        choices=["first", "fresh"],
         default="first",
-        help="sanity: the first hand-written set (25) or the fresh one (16), "
-        "benchmarks/sanity_actions.py",
+        help="sanity: the first hand-written set (25), the fresh one (16) "
+        "(benchmarks/sanity_actions.py), or a set of benchmarks/action_sets.py",
     )
     parser.add_argument("--budget-ms", type=int, default=600_000, help="sanity: latency budget")
     parser.add_argument(

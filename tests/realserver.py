@@ -73,16 +73,19 @@ def gatekeeper_server(
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
     # a decision log of its own unless the test names one: never the user's state folder
-    with tempfile.TemporaryDirectory(prefix="gatekeeper-test-") as scratch, server_process(
-        command,
-        f"{url}/readyz",
-        env={
-            "GATEKEEPER_LOG_FORMAT": "json",
-            "GATEKEEPER_AUDIT__PATH": os.path.join(scratch, "decisions.db"),
-            **env,
-        },
-        ready_timeout=ready_timeout,
-    ) as proc:
+    with (
+        tempfile.TemporaryDirectory(prefix="gatekeeper-test-") as scratch,
+        server_process(
+            command,
+            f"{url}/readyz",
+            env={
+                "GATEKEEPER_LOG_FORMAT": "json",
+                "GATEKEEPER_AUDIT__PATH": os.path.join(scratch, "decisions.db"),
+                **env,
+            },
+            ready_timeout=ready_timeout,
+        ) as proc,
+    ):
         yield url, proc
 
 

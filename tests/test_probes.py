@@ -281,6 +281,26 @@ def test_llama_cpp_reads_hidden_states_at_the_marks(smol: Any) -> None:
 
 
 @pytest.mark.model
+def test_llama_cpp_reads_every_token_of_a_span(smol: Any) -> None:
+    """`span`: the rows are the tokens after the first mark's end up to the second's; the
+    last of them is the state the second mark alone gives."""
+    from service.prompt import _MARK, ROLL_CALL_HEADER
+
+    built = _built("rm -rf /home/*")
+    span = (f"{_MARK}Proposed action\n", ROLL_CALL_HEADER)
+    states = smol.hidden_states(built.prompt, layers=(10,), span=span)
+    tokens = smol.tokenize_prompt(built.prompt)
+    opened, closed = smol._mark_positions(tokens, span)
+    assert states.marks.shape == (1, closed - opened, 576)
+    text = bytes(smol._llm.detokenize(tokens[opened + 1 : closed + 1], special=True)).decode()
+    assert "rm -rf /home/*" in text and text.endswith(ROLL_CALL_HEADER)
+    alone = smol.hidden_states(built.prompt, layers=(10,), marks=(ROLL_CALL_HEADER,))
+    assert np.allclose(
+        states.marks[0, -1], alone.marks[0, 0], atol=0.05 * np.abs(alone.marks).max()
+    )
+
+
+@pytest.mark.model
 def test_llama_cpp_hidden_states_need_the_callback_and_valid_layers(smol: Any) -> None:
     built = _built("ls")
     with pytest.raises(BackendError, match="layers"):
@@ -306,6 +326,8 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
     assert 0.0 <= probes.allow_below <= probes.deny_above <= 1.0
     assert probes.relevance is not None
     assert probes.trained["part"] == "tuning"
+    # trained beside ASSEBench on the hand-written pairs, never on the held-out set
+    assert set(probes.trained["extra"]) == {"probe-actions-train-a", "probe-actions-train-b"}
     # the guard reads the decision layer, with thresholds measured out of fold
     assert probes.guard.layer == probes.decision.layer
     assert probes.guard.max_distance < float("inf") and probes.guard.max_residual < float("inf")

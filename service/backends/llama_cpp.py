@@ -250,7 +250,11 @@ class LlamaCppBackend:
         marks: tuple[str, ...] = (),
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
+        span: tuple[str, str] | None = None,
     ) -> HiddenStates:
+        """With `span` (two marks, found as `marks` are), `marks` is ignored and the rows of
+        `HiddenStates.marks` are every token after the end of the first mark up to the end of
+        the second: a span to average (a study of other decision reads, benchmarks.probe_reads)."""
         llm = self._require()
         if self._eval_cb is None:
             raise BackendError(f"{self.model} was loaded without hidden-state reading")
@@ -260,7 +264,11 @@ class LlamaCppBackend:
             raise BackendError(f"layers must lie in 0..{last_layer - 1}, got {layers}")
         tokens = self.tokenize_prompt(prompt)
         check_fits(len(tokens), 1, self._n_ctx)
-        positions = [*self._mark_positions(tokens, marks), len(tokens) - 1]
+        if span is not None:
+            opened, closed = self._mark_positions(tokens, span)
+            positions = [*range(opened + 1, closed + 1), len(tokens) - 1]
+        else:
+            positions = [*self._mark_positions(tokens, marks), len(tokens) - 1]
         cached = 0
         for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
             if have != want:
