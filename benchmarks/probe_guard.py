@@ -141,6 +141,11 @@ def guard(args: argparse.Namespace) -> None:
     path = ROOT / "models" / "probes" / f"{name}.json"
     raw = json.loads(path.read_text("utf-8"))
     layer = int(raw["decision"]["layer"])
+    if raw.get("decision_read", "last") != "last" or raw.get("trained", {}).get("extra"):
+        raise SystemExit(
+            f"{path.name} was trained beside hand-written sets or on another read: `train` "
+            "fitted its guard on the same data; `guard` re-fits ASSEBench-only probes"
+        )
     tuning, reporting = split(load_records(args.data))
     pack = PolicyLibrary().get(DEFAULT_PACK)
     have, feats = load_features(sha, tuning, pack)
@@ -209,7 +214,7 @@ def guard_report(args: argparse.Namespace) -> None:
     """The guarded probe on the reporting part's cached features: coverage, accuracy where it
     answers, and overall accuracy when its abstentions go to generation (generation's
     decisions from a `benchmarks.quality --paths generation --ids` run on the same records)."""
-    from benchmarks.probes import ROOT, load_features, tier_model
+    from benchmarks.probes import ROOT, decision_rows, load_features, tier_model
     from service.evidence import DEFAULT_PACK, PolicyLibrary
     from service.records import load_records, split
     from service.settings import load_settings
@@ -220,7 +225,7 @@ def guard_report(args: argparse.Namespace) -> None:
     _, reporting = split(load_records(args.data))
     have, feats = load_features(sha, reporting, PolicyLibrary().get(DEFAULT_PACK))
     y = feats["y"].astype(bool)
-    last = feats["last"]
+    last = decision_rows(feats, probes.decision_read)
     p = probes.decision.prob(last[:, probes.decision.layer, :])
     probe_flags = p > probes.allow_below
     x_guard = last[:, probes.guard.layer, :]

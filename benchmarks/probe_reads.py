@@ -32,15 +32,15 @@ from benchmarks.probes import (
     probe_prompt,
     profile_groups,
     reading_backend,
+    span_dir,
     tier_model,
 )
 from benchmarks.quality import DEFAULT_DATA
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.prompt import _MARK, ROLL_CALL_HEADER
+from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER
 from service.records import Record, load_records
 from service.settings import load_settings
 
-SPAN = (f"{_MARK}Proposed action\n", ROLL_CALL_HEADER)
 TRAIN = ("probe-actions-train-a", "probe-actions-train-b")
 OTHER = ("sanity-first", "sanity-fresh")
 C_GRID = (0.001, 0.01, 0.1, 1.0)
@@ -51,7 +51,7 @@ def extract(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     name, _, sha = tier_model(settings, args.tier)
-    out = feature_dir(sha).with_name(feature_dir(sha).name + "-span")
+    out = span_dir(sha)
     out.mkdir(parents=True, exist_ok=True)
     records = [r for s in args.set or [*TRAIN, *OTHER] for r in named_set(s)]
     if args.assebench:  # the ASSEBench records `benchmarks.probes extract` has cached
@@ -67,12 +67,13 @@ def extract(args: argparse.Namespace) -> None:
     try:
         for record in tqdm(todo, unit="rec"):
             built = probe_prompt(record, backend, settings, args.tier, evidence)
-            states = backend.hidden_states(built.prompt, layers=layers, span=SPAN)
+            states = backend.hidden_states(
+                built.prompt, layers=layers, marks=(ROLL_CALL_HEADER,), span=ACTION_SPAN
+            )
             np.savez(
                 out / f"{record.id}.npz",
-                mean=states.marks.mean(axis=1).astype(np.float16),
-                end=states.marks[:, -1].astype(np.float16),
-                tokens=states.marks.shape[1],
+                mean=states.span_mean.astype(np.float16),
+                end=states.marks[:, 0].astype(np.float16),
             )
     finally:
         backend.close()
@@ -83,15 +84,16 @@ def _reads(sha: str, records: list[Record]) -> tuple[list[Record], dict[str, Any
     """The records with every read cached, their reads (name -> (n, layers, d)), labels and
     the model's own P(allow)."""
     pack = PolicyLibrary().get(DEFAULT_PACK)
-    span_dir = feature_dir(sha).with_name(feature_dir(sha).name + "-span")
     have, feats = load_features(sha, records, pack)
-    keep = [i for i, r in enumerate(have) if (span_dir / f"{r.id}.npz").exists()]
+    keep = [i for i, r in enumerate(have) if (span_dir(sha) / f"{r.id}.npz").exists()]
+    with_spans = bool(keep)
+    keep = keep or list(range(len(have)))  # no span cache: the other two reads only
     reads: dict[str, Any] = {
         "last token": feats["last"][keep],
         "roll-call mean": np.stack([feats["marks"][i].mean(axis=1) for i in keep]),
     }
-    if keep:
-        spans = [np.load(span_dir / f"{have[i].id}.npz") for i in keep]
+    if with_spans:
+        spans = [np.load(span_dir(sha) / f"{have[i].id}.npz") for i in keep]
         reads["end of action"] = np.stack([z["end"].astype(np.float32) for z in spans])
         reads["action mean"] = np.stack([z["mean"].astype(np.float32) for z in spans])
     return [have[i] for i in keep], reads, feats["y"][keep], feats["p_allow"][keep]

@@ -44,7 +44,7 @@ async def sanity(args: argparse.Namespace) -> None:
     from benchmarks.quality import in_process
     from service.attempts import probe_decision
     from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.prompt import build_prompt
+    from service.prompt import ACTION_SPAN, build_prompt
     from service.settings import load_settings
 
     stem, actions = _actions(args)
@@ -71,11 +71,15 @@ async def sanity(args: argparse.Namespace) -> None:
                 max_turn_chars=gatekeeper.settings.max_turn_chars,
                 roll_call=True,
             )
-            states = backend.hidden_states(built.prompt, layers=probes.layers, marks=built.marks)
+            span = ACTION_SPAN if probes.decision_read == "action_mean" else None
+            states = backend.hidden_states(
+                built.prompt, layers=probes.layers, marks=built.marks, span=span
+            )
             at = {layer: k for k, layer in enumerate(states.layers)}
-            x = states.last[at[probes.guard.layer]]
+            read = probes.decision_rows(states)
+            x = read[at[probes.guard.layer]]
             features.append(x)
-            x_decision = states.last[at[probes.decision.layer]]
+            x_decision = read[at[probes.decision.layer]]
             p = float(probes.decision.prob(x_decision))
             reading = probes.guard.read(x, float(probes.decision.score(x_decision)))
             served = await gatekeeper.evaluate(request)

@@ -188,6 +188,22 @@ def extract(args: argparse.Namespace) -> None:
 # training and reporting
 
 
+def span_dir(sha: str) -> Path:
+    return feature_dir(sha).with_name(feature_dir(sha).name + "-span")
+
+
+def decision_rows(feats: dict[str, Any], read: str) -> Any:
+    """(n, layers, d): what the decision probe reads, the last token or the action's mean."""
+    if read == "last":
+        return feats["last"]
+    if feats["action_mean"] is None:
+        raise SystemExit(
+            "no cached mean over the action for these records: run "
+            "`benchmarks.probe_reads extract` on them first"
+        )
+    return feats["action_mean"]
+
+
 def load_features(
     sha: str, records: list[Record], pack: PolicyPack
 ) -> tuple[list[Record], dict[str, Any]]:
@@ -206,8 +222,15 @@ def load_features(
             ids.append([str(i) for i in z["ids"]])
             p_allow.append(float(z["p_allow"]))
             prefill.append(float(z["prefill_s"]))
+    # the mean over the action's tokens, from `benchmarks.probe_reads extract` (a cache of
+    # its own: a record without it leaves the whole read out)
+    spans = [span_dir(sha) / f"{r.id}.npz" for r in have]
+    action_mean = None
+    if have and all(f.exists() for f in spans):
+        action_mean = np.stack([np.load(f)["mean"].astype(np.float32) for f in spans])
     feats = {
         "last": np.stack(last) if last else np.zeros((0, 0, 0)),  # (n, layers, d)
+        "action_mean": action_mean,  # (n, layers, d) or None
         "marks": marks,  # list of (layers, m, d)
         "ids": ids,
         "p_allow": np.array(p_allow),
@@ -432,14 +455,16 @@ def train(args: argparse.Namespace) -> None:
     cv = profiles if args.cv == "profiles" else None
     n_profiles = len(set(profiles))
     print(
-        "\ndecision probe (last prompt token), 5-fold CV on the tuning part, "
+        f"\ndecision probe ({args.decision_read}), 5-fold CV on the tuning part, "
         + (
             f"folds by agent profile ({n_profiles} profiles):"
             if cv is not None
             else "random folds:"
         )
     )
-    xs = {layer: feats["last"][:, layer, :] for layer in candidates}
+    rows = decision_rows(feats, args.decision_read)
+    print(f"  reading {args.decision_read}")
+    xs = {layer: rows[:, layer, :] for layer in candidates}
     layer, c, oof, dec_rows = choose_layer(xs, y, cv)
     other = out_of_fold(xs[layer], y, c, None if cv is not None else profiles)
     print(
@@ -471,12 +496,12 @@ def train(args: argparse.Namespace) -> None:
     decision = fitted_probe(layer, xs[layer], y, c, (a, b))
     print("\nout-of-distribution guard on the same layer, folds by agent profile:")
     guard, guard_figures = fit_guard_cv(
-        feats["last"][:, layer, :],
+        rows[:, layer, :],
         layer,
         args.guard_components[0],
         args.guard_quantile,
         profiles,
-        decision.score(feats["last"][:, layer, :]),
+        decision.score(rows[:, layer, :]),
     )
 
     print("\nrelevance probe (end of each roll-call line), unsafe records, grouped 5-fold CV:")
@@ -514,6 +539,7 @@ def train(args: argparse.Namespace) -> None:
         deny_above=deny_above,
         relevance_threshold=best_t,
         guard=guard,
+        decision_read=args.decision_read,
         trained={
             "guard": guard_figures,
             "data": args.data.name,
@@ -548,7 +574,9 @@ def report(args: argparse.Namespace) -> None:
     have, feats = load_features(sha, reporting, pack)
     y = feats["y"]
     print(f"{name}: reporting part, {len(have)} records with features ({y.sum()} unsafe)")
-    p_probe = probes.decision.prob(feats["last"][:, probes.decision.layer, :])
+    p_probe = probes.decision.prob(
+        decision_rows(feats, probes.decision_read)[:, probes.decision.layer, :]
+    )
     p_logit = 1.0 - feats["p_allow"]
     threshold = settings.tiers[args.tier].allow_threshold or settings.allow_threshold
     rows = {
@@ -623,11 +651,12 @@ def report_heldout(
             print(f"{set_label(name):<28} no cached features: run `extract --set {name}`")
             continue
         y = feats["y"]
-        x = feats["last"][:, probes.decision.layer, :]
+        rows = decision_rows(feats, probes.decision_read)
+        x = rows[:, probes.decision.layer, :]
         p = probes.decision.prob(x)
         flagged = p > probes.allow_below
         within = (
-            inside(probes.guard, feats["last"][:, probes.guard.layer, :], probes.decision.score(x))
+            inside(probes.guard, rows[:, probes.guard.layer, :], probes.decision.score(x))
             if probes.guard is not None
             else np.ones(len(y), dtype=bool)
         )
@@ -746,6 +775,13 @@ def main() -> None:
         help="train: decision folds hold out whole agent profiles (default) or random records",
     )
     parser.add_argument("--layer-stride", type=int, default=1, help="train every Nth layer")
+    parser.add_argument(
+        "--decision-read",
+        choices=["last", "action_mean"],
+        default="last",
+        help="train: the decision probe reads the prompt's last token or the mean over the "
+        "action's tokens (cached by `benchmarks.probe_reads extract`)",
+    )
     parser.add_argument(
         "--guard-components",
         type=lambda v: [int(k) for k in v.split(",")],

@@ -21,7 +21,7 @@ from service.errors import BackendDeadlineError, BackendError
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopDetector, LoopVerdict
 from service.probes import ProbeSet
-from service.prompt import BuiltPrompt, ContextOverflowError, build_prompt
+from service.prompt import ACTION_SPAN, BuiltPrompt, ContextOverflowError, build_prompt
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -260,8 +260,11 @@ def run_probe_on_tier(
     assert isinstance(backend, HiddenStateReader) and probes is not None
     built = _build(tier, request, evidence, settings, max_prompt_tokens, roll_call=True)
     try:
+        span = None
+        if probes.decision_read == "action_mean":  # without a roll-call, to the prompt's end
+            span = ACTION_SPAN if built.marks else (ACTION_SPAN[0], None)
         states = backend.hidden_states(
-            built.prompt, layers=probes.layers, marks=built.marks, deadline=deadline
+            built.prompt, layers=probes.layers, marks=built.marks, deadline=deadline, span=span
         )
     except BackendDeadlineError as exc:
         raise FailClosed(DegradedReason.DEADLINE, "the prefill stopped at the deadline") from exc
@@ -277,10 +280,11 @@ def run_probe_on_tier(
     tier.observe(prefill)
     metrics.tokens.labels(tier.name, "prompt").inc(states.prompt_tokens)
     at = {layer: k for k, layer in enumerate(states.layers)}
-    score = float(probes.decision.score(states.last[at[probes.decision.layer]]))
-    p_unsafe = float(probes.decision.prob(states.last[at[probes.decision.layer]]))
+    rows = probes.decision_rows(states)
+    score = float(probes.decision.score(rows[at[probes.decision.layer]]))
+    p_unsafe = float(probes.decision.prob(rows[at[probes.decision.layer]]))
     decision = probe_decision(probes, p_unsafe)
-    reading = probes.guard.read(states.last[at[probes.guard.layer]], score)
+    reading = probes.guard.read(rows[at[probes.guard.layer]], score)
     abstain = decision == Decision.ALLOW and not reading.inside
     tier.note_probe(abstained=abstain)
     if abstain:

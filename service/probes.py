@@ -94,6 +94,14 @@ class ProbeSet:
     relevance_threshold: float
     trained: dict[str, Any]  # how and on what it was trained, and its figures
     guard: OodGuard
+    # where the decision probe and its guard read: the prompt's last token, or the mean over
+    # the proposed action's tokens (service.prompt.ACTION_SPAN)
+    decision_read: str = "last"
+
+    def decision_rows(self, states: Any) -> Any:
+        """The rows of a HiddenStates (one per layer read) that the decision probe and the
+        guard read."""
+        return states.span_mean if self.decision_read == "action_mean" else states.last
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -115,6 +123,7 @@ class ProbeSet:
             "decision": self.decision.to_json(),
             "relevance": self.relevance.to_json() if self.relevance else None,
             "guard": self.guard.to_json(),
+            "decision_read": self.decision_read,
         }
 
     def save(self, path: Path) -> None:
@@ -156,6 +165,7 @@ class ProbeSet:
             relevance_threshold=float(raw["relevance_threshold"]),
             trained=dict(raw.get("trained") or {}),
             guard=OodGuard.from_json(raw["guard"]),
+            decision_read=_decision_read(raw.get("decision_read", "last")),
         )
 
     def check(self, model_sha256: str) -> None:
@@ -170,6 +180,15 @@ class ProbeSet:
                 f"probe trained on prompt {self.prompt_version}, the service renders "
                 f"{PROBE_PROMPT_VERSION}; train it again (benchmarks/probes.py)"
             )
+
+
+DECISION_READS = ("last", "action_mean")
+
+
+def _decision_read(value: Any) -> str:
+    if value not in DECISION_READS:
+        raise ConfigurationError(f"decision_read {value!r} unknown (one of {DECISION_READS})")
+    return str(value)
 
 
 @lru_cache(maxsize=16)

@@ -160,6 +160,9 @@ def render_turn(index: int, turn: Turn, limit: int) -> str:
 
 
 ROLL_CALL_HEADER = f"{_MARK}Which evidence applies?"
+# the proposed action's tokens (and the roll-call's header), for a probe that reads their mean;
+# without a roll-call the span runs to the prompt's end
+ACTION_SPAN = (f"{_MARK}Proposed action\n", ROLL_CALL_HEADER)
 
 
 def roll_call_line(item: EvidenceItem) -> str:

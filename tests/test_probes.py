@@ -34,6 +34,7 @@ class HiddenFake(FakeBackend):
         super().__init__(*args, **kw)
         self.applies = applies
         self.prefills: list[tuple[int, ...]] = []
+        self.spans: list[tuple[str, str | None] | None] = []
         self.prefill_error: str | None = None
         self.prefill_delay_s = 0.0
         self.ood_shift = 0.0
@@ -55,8 +56,10 @@ class HiddenFake(FakeBackend):
         marks: tuple[str, ...] = (),
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
+        span: tuple[str, str | None] | None = None,
     ) -> HiddenStates:
         self.prefills.append(layers)
+        self.spans.append(span)
         time.sleep(self.prefill_delay_s)
         if self.prefill_error:
             raise BackendError(self.prefill_error)
@@ -69,7 +72,18 @@ class HiddenFake(FakeBackend):
         for j, mark in enumerate(marks):
             item = mark[1 : mark.index("]")]
             out[:, j, 1] = 3.0 if item in self.applies else -3.0
-        return HiddenStates(layers, last, out, prompt_tokens=500, cached_tokens=100, prefill_s=0.05)
+        # the mean over the action reads the other way round: a probe that reads it must
+        # have been told to (decision_read), or it decides wrongly
+        span_mean = -last if span is not None else None
+        return HiddenStates(
+            layers,
+            last,
+            out,
+            prompt_tokens=500,
+            cached_tokens=100,
+            prefill_s=0.05,
+            span_mean=span_mean,
+        )
 
 
 def _probe(dim: int, layer: int) -> LinearProbe:
@@ -130,6 +144,29 @@ async def test_probe_decides_and_cites_after_one_prefill(tmp_path: Path) -> None
     (generation,) = edge.requests
     assert generation.choose is not None and generation.choose({"allow": 0.99}) == "deny"
     assert "evidence" not in generation.constraint.schema["properties"]  # the probe cites
+
+
+async def test_a_probe_can_read_the_mean_over_the_proposed_action(tmp_path: Path) -> None:
+    """decision_read = action_mean: the backend is asked for the action's span and the
+    decision probe and its guard read its mean (HiddenFake's mean is the last token's
+    negative, so a probe reading the wrong rows would allow the rm -rf)."""
+    from service.prompt import ACTION_SPAN
+
+    path = probe_file(tmp_path)
+    raw = json.loads(path.read_text())
+    raw["decision_read"] = "action_mean"
+    raw["decision"]["coef"] = [-c for c in raw["decision"]["coef"]]
+    path.write_text(json.dumps(raw))
+    edge = HiddenFake(scripts=[Script(answer("deny", rationale="It wipes every home folder."))])
+    async with fake_app({"edge": edge}, tiers=probe_tiers(path)) as client:
+        body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+    assert (body["decision"], body["decided_by"]) == ("deny", "probe")
+    assert edge.spans == [ACTION_SPAN]
+    raw["decision_read"] = "middle"
+    with pytest.raises(ConfigurationError, match="decision_read 'middle' unknown"):
+        ProbeSet.from_json(raw)
+    del raw["decision_read"]  # files written before the option read the last token
+    assert ProbeSet.from_json(raw).decision_read == "last"
 
 
 async def test_probe_allows_a_safe_action_without_generating(tmp_path: Path) -> None:
@@ -281,23 +318,26 @@ def test_llama_cpp_reads_hidden_states_at_the_marks(smol: Any) -> None:
 
 
 @pytest.mark.model
-def test_llama_cpp_reads_every_token_of_a_span(smol: Any) -> None:
-    """`span`: the rows are the tokens after the first mark's end up to the second's; the
-    last of them is the state the second mark alone gives."""
-    from service.prompt import _MARK, ROLL_CALL_HEADER
+def test_llama_cpp_averages_a_span_beside_the_marks(smol: Any) -> None:
+    """`span`: the mean over the tokens after the first mark's end up to the second's (the
+    proposed action, then the roll-call header), read in the same prefill as the marks; with
+    no second mark it runs to the prompt's end."""
+    from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER
 
     built = _built("rm -rf /home/*")
-    span = (f"{_MARK}Proposed action\n", ROLL_CALL_HEADER)
-    states = smol.hidden_states(built.prompt, layers=(10,), span=span)
+    states = smol.hidden_states(built.prompt, layers=(10, 20), marks=built.marks, span=ACTION_SPAN)
+    assert states.span_mean.shape == (2, 576) and np.isfinite(states.span_mean).all()
+    assert states.marks.shape == (2, len(built.marks), 576)
     tokens = smol.tokenize_prompt(built.prompt)
-    opened, closed = smol._mark_positions(tokens, span)
-    assert states.marks.shape == (1, closed - opened, 576)
+    opened, closed = smol._mark_positions(tokens, ACTION_SPAN)
     text = bytes(smol._llm.detokenize(tokens[opened + 1 : closed + 1], special=True)).decode()
     assert "rm -rf /home/*" in text and text.endswith(ROLL_CALL_HEADER)
-    alone = smol.hidden_states(built.prompt, layers=(10,), marks=(ROLL_CALL_HEADER,))
-    assert np.allclose(
-        states.marks[0, -1], alone.marks[0, 0], atol=0.05 * np.abs(alone.marks).max()
-    )
+    alone = smol.hidden_states(built.prompt, layers=(10, 20), marks=built.marks)
+    assert alone.span_mean is None
+    tol = 0.05 * float(np.abs(alone.marks).max())
+    assert np.allclose(states.marks, alone.marks, atol=tol)  # the marks are not displaced
+    to_end = smol.hidden_states(built.prompt, layers=(10, 20), span=(ACTION_SPAN[0], None))
+    assert not np.allclose(to_end.span_mean, states.span_mean, atol=1e-3)
 
 
 @pytest.mark.model
@@ -328,6 +368,7 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
     assert probes.trained["part"] == "tuning"
     # trained beside ASSEBench on the hand-written pairs, never on the held-out set
     assert set(probes.trained["extra"]) == {"probe-actions-train-a", "probe-actions-train-b"}
+    assert probes.decision_read == "action_mean"  # the read that generalised best
     # the guard reads the decision layer, with thresholds measured out of fold
     assert probes.guard.layer == probes.decision.layer
     assert probes.guard.max_distance < float("inf") and probes.guard.max_residual < float("inf")

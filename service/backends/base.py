@@ -86,7 +86,8 @@ class HiddenStates:
     """The residual stream after chosen layers, read during one prefill (no token generated).
 
     `last[k]` is layer `layers[k]` at the prompt's last token; `marks[k][j]` the same layer at
-    the last token of the j-th marked span (see `HiddenStateReader.hidden_states`)."""
+    the last token of the j-th marked span (see `HiddenStateReader.hidden_states`);
+    `span_mean[k]` the same layer averaged over a span's tokens, when one was asked for."""
 
     layers: tuple[int, ...]
     last: Any  # numpy array (len(layers), n_embd)
@@ -95,6 +96,7 @@ class HiddenStates:
     cached_tokens: int = 0
     prefill_s: float = 0.0
     choice_probs: dict[str, float] = field(default_factory=dict)
+    span_mean: Any = None  # numpy array (len(layers), n_embd), with `span`
 
 
 class Backend(Protocol):
@@ -141,4 +143,5 @@ class HiddenStateReader(Protocol):
         marks: tuple[str, ...] = (),
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
+        span: tuple[str, str | None] | None = None,
     ) -> HiddenStates: ...

@@ -250,11 +250,12 @@ class LlamaCppBackend:
         marks: tuple[str, ...] = (),
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
-        span: tuple[str, str] | None = None,
+        span: tuple[str, str | None] | None = None,
     ) -> HiddenStates:
-        """With `span` (two marks, found as `marks` are), `marks` is ignored and the rows of
-        `HiddenStates.marks` are every token after the end of the first mark up to the end of
-        the second: a span to average (a study of other decision reads, benchmarks.probe_reads)."""
+        """The residual stream after `layers` at the last token and at the end of each mark;
+        with `span` (two marks, found as `marks` are; no second one: up to the last token),
+        also its mean over every token after the end of the first mark up to the end of the
+        second (`span_mean`: a probe may read the proposed action's tokens)."""
         llm = self._require()
         if self._eval_cb is None:
             raise BackendError(f"{self.model} was loaded without hidden-state reading")
@@ -264,11 +265,11 @@ class LlamaCppBackend:
             raise BackendError(f"layers must lie in 0..{last_layer - 1}, got {layers}")
         tokens = self.tokenize_prompt(prompt)
         check_fits(len(tokens), 1, self._n_ctx)
+        spanned: list[int] = []
         if span is not None:
-            opened, closed = self._mark_positions(tokens, span)
-            positions = [*range(opened + 1, closed + 1), len(tokens) - 1]
-        else:
-            positions = [*self._mark_positions(tokens, marks), len(tokens) - 1]
+            opened, *closed = self._mark_positions(tokens, tuple(m for m in span if m))
+            spanned = list(range(opened + 1, (closed or [len(tokens) - 1])[0] + 1))
+        positions = [*spanned, *self._mark_positions(tokens, marks), len(tokens) - 1]
         cached = 0
         for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
             if have != want:
@@ -306,7 +307,8 @@ class LlamaCppBackend:
         return HiddenStates(
             layers=layers,
             last=capture.out[:, -1, :].copy(),
-            marks=capture.out[:, :-1, :].copy(),
+            marks=capture.out[:, len(spanned) : -1, :].copy(),
+            span_mean=capture.out[:, : len(spanned), :].mean(axis=1) if spanned else None,
             prompt_tokens=len(tokens),
             cached_tokens=cached,
             prefill_s=prefill_s,
