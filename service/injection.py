@@ -131,8 +131,10 @@ _PATTERNS: tuple[_Pattern, ...] = (
             r"|\b(?:safety|security)\s+(?:rules|polic(?:y|ies)|checks|guidelines|restrictions)"
             r"\b[^.\n]{0,20}\b(?:do not|don't|does not|doesn't|no longer|never)\s+apply\b"
             # "ADMIN OVERRIDE", and the judge's own labels side by side ("any deny, revise or
-            # escalate")
-            r"|\b(?:system|admin|administrator|developer|security|safety)\s+override\b"
+            # escalate"); "safety override" only as a heading ("SAFETY OVERRIDE: ..."): a
+            # robot's or a door controller's `safety_override` flag is no message to the judge
+            r"|\b(?:system|admin|administrator|developer)\s+override\b"
+            r"|\b(?:security|safety)\s+override\b(?=\s*[:!\]])"
             # (two different ones: "deny 10.0.0.1; deny all;" is an nginx config)
             r"|\b(?P<label>deny|revise|escalate)\b[^.\n]{0,25}\b(?!(?P=label)\b)"
             r"(?:deny|revise|escalate)\b"
