@@ -355,8 +355,8 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
 
     settings = load_settings()
     edge = settings.tiers["edge"]
-    # off by default (docs/probes.md: it does not generalise beyond its training data, and
-    # its out-of-distribution guard let 4 of 8 fresh unsafe hand-written actions through)
+    # off by default (docs/probes.md: it judges hand-written requests little better than
+    # chance and costs about a quarter of the throughput)
     assert edge.probe is None
     probes = ProbeSet.load(Path(__file__).parents[1] / "models" / "probes" / f"{edge.model}.json")
     assert probes.prompt_version == PROBE_PROMPT_VERSION
