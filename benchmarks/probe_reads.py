@@ -66,7 +66,7 @@ def extract(args: argparse.Namespace) -> None:
     started = time.monotonic()
     try:
         for record in tqdm(todo, unit="rec"):
-            built = probe_prompt(record, backend, settings, args.tier, evidence)
+            built = probe_prompt(record.request, backend, settings, args.tier, evidence)
             states = backend.hidden_states(
                 built.prompt, layers=layers, marks=(ROLL_CALL_HEADER,), span=ACTION_SPAN
             )

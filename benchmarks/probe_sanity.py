@@ -40,11 +40,10 @@ def _requests(args: argparse.Namespace) -> list[EvaluateRequest]:
 
 
 async def sanity(args: argparse.Namespace) -> None:
-    from benchmarks.probes import ROOT, tier_model
+    from benchmarks.probes import ROOT, probe_prompt, tier_model
     from benchmarks.quality import in_process
     from service.attempts import probe_decision
     from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.prompt import ACTION_SPAN, build_prompt
     from service.settings import load_settings
 
     stem, actions = _actions(args)
@@ -63,17 +62,12 @@ async def sanity(args: argparse.Namespace) -> None:
         for (label, unsafe, _), request in zip(actions, requests, strict=True):
             # the features the service reads, from the same prompt (a second prefill: most of
             # it comes from the KV cache)
-            built = build_prompt(
-                request,
-                evidence,
-                count_tokens=backend.count_tokens,
-                max_prompt_tokens=tier.settings.n_ctx - tier.settings.max_tokens,
-                max_turn_chars=gatekeeper.settings.max_turn_chars,
-                roll_call=True,
-            )
-            span = ACTION_SPAN if probes.decision_read == "action_mean" else None
+            built = probe_prompt(request, backend, gatekeeper.settings, args.tier, evidence)
             states = backend.hidden_states(
-                built.prompt, layers=probes.layers, marks=built.marks, span=span
+                built.prompt,
+                layers=probes.layers,
+                marks=built.marks,
+                span=probes.decision_span(bool(built.marks)),
             )
             at = {layer: k for k, layer in enumerate(states.layers)}
             read = probes.decision_rows(states)

@@ -52,7 +52,7 @@ from service.weights import ModelStore
 
 if TYPE_CHECKING:
     from service.backends.llama_cpp import LlamaCppBackend
-    from service.schemas import EvidenceItem
+    from service.schemas import EvaluateRequest, EvidenceItem
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = Path.home() / ".cache" / "gatekeeper" / "features"
@@ -113,12 +113,17 @@ def reading_backend(tier: str) -> LlamaCppBackend:
 
 
 def probe_prompt(
-    record: Record, backend: Any, settings: Settings, tier: str, evidence: list[EvidenceItem]
+    request: EvaluateRequest,
+    backend: Any,
+    settings: Settings,
+    tier: str,
+    evidence: list[EvidenceItem],
 ) -> BuiltPrompt:
-    """The probe prompt for a record: the service's prompt and a roll-call line per item."""
+    """The probe prompt, as the service builds it on a probe tier: its prompt and a
+    roll-call line per evidence item."""
     limits = settings.tiers[tier]
     return build_prompt(
-        record.request,
+        request,
         evidence,
         count_tokens=backend.count_tokens,
         max_prompt_tokens=limits.n_ctx - limits.max_tokens,
@@ -161,7 +166,7 @@ def extract(args: argparse.Namespace) -> None:
         for record in tqdm(todo, unit="rec"):
             if args.max_seconds and time.monotonic() - started > args.max_seconds:
                 break  # a bounded chunk: run again to go on where this one stopped
-            built = probe_prompt(record, backend, settings, args.tier, evidence)
+            built = probe_prompt(record.request, backend, settings, args.tier, evidence)
             states = backend.hidden_states(
                 built.prompt, layers=layers, marks=built.marks, choices=DECISIONS
             )

@@ -21,7 +21,7 @@ from service.errors import BackendDeadlineError, BackendError
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopDetector, LoopVerdict
 from service.probes import ProbeSet
-from service.prompt import ACTION_SPAN, BuiltPrompt, ContextOverflowError, build_prompt
+from service.prompt import BuiltPrompt, ContextOverflowError, build_prompt
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -260,11 +260,12 @@ def run_probe_on_tier(
     assert isinstance(backend, HiddenStateReader) and probes is not None
     built = _build(tier, request, evidence, settings, max_prompt_tokens, roll_call=True)
     try:
-        span = None
-        if probes.decision_read == "action_mean":  # without a roll-call, to the prompt's end
-            span = ACTION_SPAN if built.marks else (ACTION_SPAN[0], None)
         states = backend.hidden_states(
-            built.prompt, layers=probes.layers, marks=built.marks, deadline=deadline, span=span
+            built.prompt,
+            layers=probes.layers,
+            marks=built.marks,
+            deadline=deadline,
+            span=probes.decision_span(bool(built.marks)),
         )
     except BackendDeadlineError as exc:
         raise FailClosed(DegradedReason.DEADLINE, "the prefill stopped at the deadline") from exc

@@ -17,7 +17,7 @@ from typing import Any
 
 from service.errors import ConfigurationError
 from service.ood import OodGuard
-from service.prompt import PROMPT_VERSION
+from service.prompt import ACTION_SPAN, PROMPT_VERSION
 from service.weights import sha256_file
 
 # 2: an out-of-distribution guard is part of the file (format 1 had none, and is refused)
@@ -97,6 +97,13 @@ class ProbeSet:
     # where the decision probe and its guard read: the prompt's last token, or the mean over
     # the proposed action's tokens (service.prompt.ACTION_SPAN)
     decision_read: str = "last"
+
+    def decision_span(self, roll_call: bool) -> tuple[str, str | None] | None:
+        """The span to ask the backend to average, if the decision reads one: the proposed
+        action up to the roll-call's header, or to the prompt's end without a roll-call."""
+        if self.decision_read != "action_mean":
+            return None
+        return ACTION_SPAN if roll_call else (ACTION_SPAN[0], None)
 
     def decision_rows(self, states: Any) -> Any:
         """The rows of a HiddenStates (one per layer read) that the decision probe and the

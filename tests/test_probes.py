@@ -162,6 +162,8 @@ async def test_a_probe_can_read_the_mean_over_the_proposed_action(tmp_path: Path
         body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
     assert (body["decision"], body["decided_by"]) == ("deny", "probe")
     assert edge.spans == [ACTION_SPAN]
+    probes = ProbeSet.load(path)
+    assert probes.decision_span(roll_call=False) == (ACTION_SPAN[0], None)  # to the end
     raw["decision_read"] = "middle"
     with pytest.raises(ConfigurationError, match="decision_read 'middle' unknown"):
         ProbeSet.from_json(raw)
@@ -338,6 +340,18 @@ def test_llama_cpp_averages_a_span_beside_the_marks(smol: Any) -> None:
     assert np.allclose(states.marks, alone.marks, atol=tol)  # the marks are not displaced
     to_end = smol.hidden_states(built.prompt, layers=(10, 20), span=(ACTION_SPAN[0], None))
     assert not np.allclose(to_end.span_mean, states.span_mean, atol=1e-3)
+    # the running sum is the mean of the span's rows, each read as a mark would be
+    every = list(range(opened + 1, closed + 1))
+    marks_at = smol._mark_positions
+    smol._mark_positions = lambda tokens, marks: (
+        every if marks == ("*",) else marks_at(tokens, marks)
+    )
+    try:
+        rows = smol.hidden_states(built.prompt, layers=(10, 20), marks=("*",)).marks
+    finally:
+        del smol._mark_positions
+    assert rows.shape[1] == closed - opened
+    assert np.allclose(rows.mean(axis=1), states.span_mean, atol=1e-3)  # a row off: ~3.7
 
 
 @pytest.mark.model

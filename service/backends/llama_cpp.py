@@ -77,17 +77,21 @@ def _ggml() -> Any:
 @dataclass
 class _Capture:
     """What the eval callback copies out during one prefill: for each wanted layer output
-    ("l_out-N", the residual stream after block N), the rows of the wanted positions."""
+    ("l_out-N", the residual stream after block N), the rows of the wanted positions, and the
+    sum of the rows of a span (kept as a running sum: a span may be thousands of tokens)."""
 
     names: dict[bytes, int]  # tensor name -> row in `out`
     positions: list[int]  # absolute token positions, in the order of `out`'s second axis
     start: int  # absolute position of the first evaluated token
     n_embd: int
+    span: tuple[int, int] = (0, 0)  # absolute positions [first, end) to sum
     out: Any = None
+    span_sum: Any = None  # (layers, n_embd)
     seen: dict[int, int] = field(default_factory=dict)  # layer row -> tokens seen so far
 
     def __post_init__(self) -> None:
         self.out = np.zeros((len(self.names), len(self.positions), self.n_embd), np.float32)
+        self.span_sum = np.zeros((len(self.names), self.n_embd), np.float64)
 
 
 @lru_cache(maxsize=64)
@@ -196,6 +200,13 @@ class LlamaCppBackend:
                 if first <= pos < first + rows:
                     dst = capture.out[row, j].ctypes.data
                     ggml.ggml_backend_tensor_get(tensor, dst, (pos - first) * row_bytes, row_bytes)
+            lo, hi = max(first, capture.span[0]), min(first + rows, capture.span[1])
+            if lo < hi:  # the span's rows in this batch are contiguous: one copy, then a sum
+                block = np.empty((hi - lo, capture.out.shape[2]), np.float32)
+                ggml.ggml_backend_tensor_get(
+                    tensor, block.ctypes.data, (lo - first) * row_bytes, (hi - lo) * row_bytes
+                )
+                capture.span_sum[row] += block.sum(axis=0)
             return True
 
         self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(on_tensor)
@@ -265,22 +276,24 @@ class LlamaCppBackend:
             raise BackendError(f"layers must lie in 0..{last_layer - 1}, got {layers}")
         tokens = self.tokenize_prompt(prompt)
         check_fits(len(tokens), 1, self._n_ctx)
-        spanned: list[int] = []
+        spanned = (0, 0)  # [first, end) token positions to average
         if span is not None:
             opened, *closed = self._mark_positions(tokens, tuple(m for m in span if m))
-            spanned = list(range(opened + 1, (closed or [len(tokens) - 1])[0] + 1))
-        positions = [*spanned, *self._mark_positions(tokens, marks), len(tokens) - 1]
+            spanned = (opened + 1, (closed or [len(tokens) - 1])[0] + 1)
+        positions = [*self._mark_positions(tokens, marks), len(tokens) - 1]
         cached = 0
         for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
             if have != want:
                 break
             cached += 1
-        cached = min(cached, *positions)  # every wanted position is evaluated again
+        # every wanted position is evaluated again
+        cached = min(cached, *positions, *([spanned[0]] if span is not None else []))
         capture = _Capture(
             names={f"l_out-{layer}".encode(): k for k, layer in enumerate(layers)},
             positions=positions,
             start=cached,
             n_embd=llm.n_embd(),
+            span=spanned,
         )
         start = time.monotonic()
         llm.n_tokens = cached  # eval drops the KV cache past this point
@@ -307,8 +320,12 @@ class LlamaCppBackend:
         return HiddenStates(
             layers=layers,
             last=capture.out[:, -1, :].copy(),
-            marks=capture.out[:, len(spanned) : -1, :].copy(),
-            span_mean=capture.out[:, : len(spanned), :].mean(axis=1) if spanned else None,
+            marks=capture.out[:, :-1, :].copy(),
+            span_mean=(
+                (capture.span_sum / (spanned[1] - spanned[0])).astype(np.float32)
+                if spanned[1] > spanned[0]
+                else None
+            ),
             prompt_tokens=len(tokens),
             cached_tokens=cached,
             prefill_s=prefill_s,
