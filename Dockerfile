@@ -85,12 +85,15 @@ RUN apt-get update \
 COPY --from=venv /opt/gatekeeper/venv /opt/gatekeeper/venv
 COPY --from=model /opt/gatekeeper/models /opt/gatekeeper/models
 COPY models/tiers.toml /etc/gatekeeper/tiers.toml
+# the edge tier's trained probe (docs/probes.md); tiers.toml names it relative to a checkout
+COPY models/probes /etc/gatekeeper/probes
 ENV PATH=/opt/gatekeeper/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     GATEKEEPER_CONFIG=/etc/gatekeeper/tiers.toml \
     GATEKEEPER_MODEL_CACHE_DIR=/opt/gatekeeper/models \
     GATEKEEPER_LOAD_TIERS='["edge"]' \
+    GATEKEEPER_TIERS__EDGE__PROBE=/etc/gatekeeper/probes/qwen2.5-coder-0.5b-instruct-q4_k_m.json \
     GATEKEEPER_HOST=0.0.0.0 \
     GATEKEEPER_PORT=8080 \
     GATEKEEPER_AUDIT__PATH=/var/lib/gatekeeper/decisions.db

@@ -4,11 +4,11 @@
         --set probe-actions-train-b --set sanity-first --set sanity-fresh
     .venv/bin/python -m benchmarks.probe_reads compare --tier edge
 
-The shipped probe reads the decision at the prompt's last token (after the roll-call). This
-compares, on the hand-written minimal pairs (benchmarks/action_sets.py), four reads of the same
-prompt: the last token and the mean of the roll-call lines (from `benchmarks.probes extract`'s
-cache), and the state at the end of the action and the mean over the action's tokens (from
-this script's `extract`, cached beside the other under `...-span`). For each read and layer:
+This compares, on the hand-written minimal pairs (benchmarks/action_sets.py), four reads of
+the same prompt: the last token and the mean of the roll-call lines (from `benchmarks.probes
+extract`'s cache), and the state at the end of the action and the mean over the action's
+tokens (cached beside the other under `...-span`, by this script's `extract` or, for records
+extracted since, by `benchmarks.probes extract` in the same prefill). For each read and layer:
 a logistic regression, 5-fold out of fold with folds by scenario (twins together), and the
 AUC on other sets (the sanity actions) of one fitted on all the pairs. The model's own read
 (P(allow) at the decision, from the same prefill) is printed for comparison."""

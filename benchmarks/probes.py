@@ -11,7 +11,9 @@
 `extract` renders each ASSEBench record as the probe prompt (the service's prompt, the default
 pack whole, and a roll-call line per rule after the action), runs one prefill with llama.cpp's
 eval callback and saves, for every layer but the last, the residual stream at the prompt's last
-token and at the end of each roll-call line. Features are cached on disk, keyed by the model's
+token and at the end of each roll-call line, and (beside them, under `...-span`) its mean over
+the proposed action's tokens and its state where the action ends. Features are cached on disk,
+keyed by the model's
 sha256 and the probe prompt version, so training is cheap to repeat; records go in a seeded,
 label-balanced order, so an interrupted run still leaves a balanced sample.
 
@@ -44,8 +46,16 @@ from benchmarks.probe_guard import fit_guard_cv
 from benchmarks.quality import DEFAULT_DATA, gold_ids
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
 from service.grammar import DECISIONS
-from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, model_sha256
-from service.prompt import BuiltPrompt, build_prompt
+from service.probes import (
+    PROBE_PROMPT_VERSION,
+    ItemProbe,
+    LinearProbe,
+    ProbeSet,
+    cite,
+    evidence_digest,
+    model_sha256,
+)
+from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER, BuiltPrompt, build_prompt
 from service.records import Record, load_records, split
 from service.settings import Settings, load_settings
 from service.weights import ModelStore
@@ -159,6 +169,7 @@ def extract(args: argparse.Namespace) -> None:
     print(f"{name} ({sha[:12]}): {len(records)} records, {len(todo)} to extract into {out_dir}")
     backend = reading_backend(args.tier)
     layers = tuple(range(backend.n_layers - 1))
+    spans = span_dir(sha)
     started = time.monotonic()
     tokens = 0
     done = 0
@@ -167,15 +178,27 @@ def extract(args: argparse.Namespace) -> None:
             if args.max_seconds and time.monotonic() - started > args.max_seconds:
                 break  # a bounded chunk: run again to go on where this one stopped
             built = probe_prompt(record.request, backend, settings, args.tier, evidence)
+            # the same prefill also reads the action (its mean, and the state where it ends)
+            # for `benchmarks.probe_reads` and action-mean probes
             states = backend.hidden_states(
-                built.prompt, layers=layers, marks=built.marks, choices=DECISIONS
+                built.prompt,
+                layers=layers,
+                marks=(ROLL_CALL_HEADER, *built.marks),
+                choices=DECISIONS,
+                span=ACTION_SPAN,
             )
             tokens += states.prompt_tokens - states.cached_tokens
             done += 1
+            spans.mkdir(exist_ok=True)
+            np.savez(
+                spans / f"{record.id}.npz",
+                mean=states.span_mean.astype(np.float16),
+                end=states.marks[:, 0].astype(np.float16),
+            )
             np.savez(
                 out_dir / f"{record.id}.npz",
                 last=states.last.astype(np.float16),
-                marks=states.marks.astype(np.float16),
+                marks=states.marks[:, 1:].astype(np.float16),
                 ids=np.array([item.id for item in built.evidence]),
                 prompt_tokens=states.prompt_tokens,
                 cached_tokens=states.cached_tokens,
@@ -368,12 +391,88 @@ def evidence_prf(cited: list[set[str]], gold: list[set[str]]) -> dict[str, float
     return {"precision": prec, "recall": rec, "f1": f1}
 
 
-def cite(probs: Any, ids: list[str], threshold: float, max_cited: int) -> set[str]:
-    """The items whose relevance clears the threshold, likeliest first, and at least the
-    likeliest one (an unsafe verdict always names its best reason)."""
-    order = np.argsort(-probs)
-    chosen = [ids[i] for i in order[:max_cited] if probs[i] >= threshold]
-    return set(chosen or [ids[order[0]]])
+def fit_items(
+    rows: Any,
+    candidates: list[int],
+    feats: dict[str, Any],
+    keep: Any,
+    groups: Any,
+    pack: PolicyPack,
+    max_cited: int,
+) -> tuple[ItemProbe, list[dict[str, Any]]]:
+    """The item probe: for each of the pack's rules, a logistic regression on the decision's
+    vector (unsafe records with gold, multi-label), the layer, C and citation threshold
+    chosen by out-of-fold evidence F1 (folds by profile or scenario). Printed as it goes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    pack_ids = [item.id for item in pack.items]
+    at = {item_id: k for k, item_id in enumerate(pack_ids)}
+    idx = np.flatnonzero(keep)
+    labels = np.array([[int(x in feats["gold"][i]) for x in pack_ids] for i in idx])
+    gold = [feats["gold"][i] for i in idx]
+
+    def fit(x: Any, labels: Any, c: float) -> tuple[Any, Any, Any]:
+        scaler = StandardScaler().fit(x)
+        z = scaler.transform(x)
+        coef = np.zeros((labels.shape[1], x.shape[1]))
+        intercept = np.zeros(labels.shape[1])
+        for k in range(labels.shape[1]):
+            rate = labels[:, k].mean()
+            if 0 < rate < 1:
+                clf = LogisticRegression(C=c, max_iter=2000, random_state=SEED)
+                clf.fit(z, labels[:, k])
+                coef[k], intercept[k] = clf.coef_[0], clf.intercept_[0]
+            else:  # a rule never (or always) gold here: its base rate
+                rate = min(max(rate, 1e-3), 1 - 1e-3)
+                intercept[k] = np.log(rate / (1 - rate))
+        return scaler, coef, intercept
+
+    def prob(model: tuple[Any, Any, Any], x: Any) -> Any:
+        scaler, coef, intercept = model
+        return _sig(scaler.transform(x) @ coef.T + intercept)
+
+    def f1_at(p: Any, t: float) -> float:
+        cited = []
+        for row, i in zip(p, idx, strict=True):
+            ids = feats["ids"][i]
+            cited.append(set(cite(row[[at[x] for x in ids]], ids, t, max_cited)))
+        return evidence_prf(cited, gold)["f1"]
+
+    by_layer: list[dict[str, Any]] = []
+    best: tuple[float, int, float, float] = (-1.0, -1, 0.0, 0.5)
+    for layer in candidates:
+        x = rows[idx, layer, :]
+        layer_best = (-1.0, 0.0, 0.5)
+        for c in C_GRID:
+            p = np.zeros(labels.shape)
+            for train_idx, test_idx in GroupKFold(FOLDS).split(x, labels, groups):
+                p[test_idx] = prob(fit(x[train_idx], labels[train_idx], c), x[test_idx])
+            for t in np.linspace(0.05, 0.95, 19):
+                layer_best = max(layer_best, (f1_at(p, float(t)), c, float(t)))
+        by_layer.append({"layer": layer, "f1": layer_best[0], "c": layer_best[1]})
+        print(
+            f"  layer {layer:>2}: out-of-fold evidence F1 {100 * layer_best[0]:.1f} % "
+            f"(C={layer_best[1]}, cite from {layer_best[2]:.2f})"
+        )
+        best = max(best, (layer_best[0], layer, layer_best[1], layer_best[2]))
+    f1, layer, c, threshold = best
+    scaler, coef, intercept = fit(rows[idx, layer, :], labels, c)
+    print(
+        f"chosen layer {layer} (C={c}): cite from P(applies) >= {threshold:.2f}, F1 {100 * f1:.1f} %"
+    )
+    probe = ItemProbe(
+        layer=layer,
+        ids=tuple(pack_ids),
+        digests=tuple(evidence_digest(item) for item in pack.items),
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        coef=coef,
+        intercept=intercept,
+        threshold=threshold,
+    )
+    return probe, by_layer
 
 
 def profile_groups(records: list[Record]) -> Any:
@@ -523,7 +622,7 @@ def train(args: argparse.Namespace) -> None:
         cited, gold, at = [], [], 0
         for i in idx:
             m = len(feats["ids"][i])
-            cited.append(cite(r_p[at : at + m], feats["ids"][i], t, args.max_cited))
+            cited.append(set(cite(r_p[at : at + m], feats["ids"][i], t, args.max_cited)))
             gold.append(feats["gold"][i])
             at += m
         f1 = evidence_prf(cited, gold)["f1"]
@@ -534,6 +633,13 @@ def train(args: argparse.Namespace) -> None:
         f"P(applies) >= {best_t:.2f}: out-of-fold evidence F1 {100 * best_f1:.1f} %"
     )
     relevance = fitted_probe(r_layer, rxs[r_layer], ry, r_c, (ra, rb))
+    print(
+        "\nitem probe (each of the pack's rules, from the decision's vector), unsafe records, "
+        "5-fold CV by profile or scenario:"
+    )
+    items, item_rows = fit_items(
+        rows, candidates, feats, keep, profiles[keep], pack, args.max_cited
+    )
     probes = ProbeSet(
         model=name,
         model_sha256=sha,
@@ -545,6 +651,7 @@ def train(args: argparse.Namespace) -> None:
         relevance_threshold=best_t,
         guard=guard,
         decision_read=args.decision_read,
+        items=items,
         trained={
             "guard": guard_figures,
             "data": args.data.name,
@@ -558,6 +665,7 @@ def train(args: argparse.Namespace) -> None:
             "target_recall": args.recall,
             "decision_by_layer": dec_rows,
             "relevance_by_layer": rel_rows,
+            "items_by_layer": item_rows,
             "at": time.strftime("%Y-%m-%d"),
         },
     )
@@ -565,6 +673,22 @@ def train(args: argparse.Namespace) -> None:
     probes.save(out)
     print(f"\nwrote {out.relative_to(ROOT)} ({out.stat().st_size // 1024} KB)")
     plot_layers(name, dec_rows, rel_rows, ROOT / "docs" / "img" / f"probe-layers-{args.tier}.png")
+
+
+def probe_cites(
+    probes: ProbeSet, pack: PolicyPack, feats: dict[str, Any], rows: Any, i: int, max_cited: int
+) -> set[str]:
+    """What the service's probe path cites for cached record i: from the item probe when it
+    knows every item in the prompt, else from the roll-call's relevance probe."""
+    ids = feats["ids"][i]
+    by_id = {item.id: item for item in pack.items}
+    shown = [by_id[x] for x in ids if x in by_id]
+    if probes.items is not None and len(shown) == len(ids) and probes.items.covers(shown):
+        probs = probes.items.probs(rows[i, probes.items.layer], shown)
+        return set(cite(probs, ids, probes.items.threshold, max_cited))
+    assert probes.relevance is not None
+    probs = probes.relevance.prob(feats["marks"][i][probes.relevance.layer])
+    return set(cite(probs, ids, probes.relevance_threshold, max_cited))
 
 
 def report(args: argparse.Namespace) -> None:
@@ -601,12 +725,11 @@ def report(args: argparse.Namespace) -> None:
             f"{label:<30}{100 * acc:>7.1f}{100 * rec:>7.1f}{100 * prec:>7.1f}"
             f"{_auc(y, p):>7.3f}{ece(p, y):>7.3f}"
         )
-    if probes.relevance is not None:
-        rel = probes.relevance
+    if probes.relevance is not None or probes.items is not None:
+        rows_all = decision_rows(feats, probes.decision_read)
         cited, gold = [], []
         for i in np.flatnonzero((y == 1) & np.array([bool(g) for g in feats["gold"]])):
-            probs = rel.prob(feats["marks"][i][rel.layer])
-            cited.append(cite(probs, feats["ids"][i], probes.relevance_threshold, args.max_cited))
+            cited.append(probe_cites(probes, pack, feats, rows_all, int(i), args.max_cited))
             gold.append(feats["gold"][i])
         ev = evidence_prf(cited, gold)
         figures["evidence"] = ev
@@ -674,14 +797,10 @@ def report_heldout(
             if allowed[i]
         ]
         ev: dict[str, float] | None = None
-        if probes.relevance is not None and any(feats["gold"]):
-            rel = probes.relevance
+        if (probes.relevance is not None or probes.items is not None) and any(feats["gold"]):
             cited, gold = [], []
             for i in np.flatnonzero((y == 1) & np.array([bool(g) for g in feats["gold"]])):
-                probs = rel.prob(feats["marks"][i][rel.layer])
-                cited.append(
-                    cite(probs, feats["ids"][i], probes.relevance_threshold, args.max_cited)
-                )
+                cited.append(probe_cites(probes, pack, feats, rows, int(i), args.max_cited))
                 gold.append(feats["gold"][i])
             ev = evidence_prf(cited, gold)
         acc = float((flagged == (y == 1)).mean())

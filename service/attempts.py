@@ -16,12 +16,19 @@ from service.backends.base import (
     Generation,
     GenerationRequest,
     HiddenStateReader,
+    HiddenStates,
 )
 from service.errors import BackendDeadlineError, BackendError
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopDetector, LoopVerdict
-from service.probes import ProbeSet
-from service.prompt import BuiltPrompt, ContextOverflowError, build_prompt
+from service.probes import ProbeSet, cite
+from service.prompt import (
+    PROFILE_HEADER,
+    ROLL_CALL_HEADER,
+    BuiltPrompt,
+    ContextOverflowError,
+    build_prompt,
+)
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -249,7 +256,9 @@ def run_probe_on_tier(
     """The decision and the cited evidence from the tier's probes after one prefill; then,
     when the request asks for an explanation and the budget allows, the rationale (and the
     revision, if any) by constrained generation with the decision fixed. The prompt is
-    already in the KV cache, so that generation starts decoding at once.
+    already in the KV cache, so that generation starts decoding at once. A probe that reads
+    the action's mean decides before the roll-call: that prefill stops at its header, and
+    goes on through the roll-call only for a deny or escalate, which cite.
 
     When the probe would allow a request whose hidden state lies outside its training data
     (the guard), it abstains and generation decides, under `choose` and the same deadline:
@@ -259,18 +268,36 @@ def run_probe_on_tier(
     backend, probes = tier.backend, tier.probes
     assert isinstance(backend, HiddenStateReader) and probes is not None
     built = _build(tier, request, evidence, settings, max_prompt_tokens, roll_call=True)
-    try:
-        states = backend.hidden_states(
-            built.prompt,
-            layers=probes.layers,
-            marks=built.marks,
-            deadline=deadline,
-            span=probes.decision_span(bool(built.marks)),
-        )
-    except BackendDeadlineError as exc:
-        raise FailClosed(DegradedReason.DEADLINE, "the prefill stopped at the deadline") from exc
-    except BackendError as exc:
-        raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
+    # An action-mean probe decides from a prefill that stops before the roll-call; the
+    # roll-call (a line per evidence item, ~15 tokens each) is read only when there is
+    # something to cite that the item probe does not know, so an allow, and a deny among the
+    # pack's own rules, cost no more prefill than generation's prompt.
+    split = probes.decides_before_roll_call and bool(built.marks)
+    items = (
+        probes.items if probes.items is not None and probes.items.covers(built.evidence) else None
+    )
+
+    def read(**kwargs: Any) -> HiddenStates:
+        try:
+            return backend.hidden_states(built.prompt, deadline=deadline, **kwargs)
+        except BackendDeadlineError as exc:
+            raise FailClosed(
+                DegradedReason.DEADLINE, "the prefill stopped at the deadline"
+            ) from exc
+        except BackendError as exc:
+            raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
+
+    # When nothing will be generated on this prompt (no explanation asked, the pack's rules
+    # cited from the same vector), the request's own tokens need to go only as deep as the
+    # probes read: the blocks above are skipped. An abstention then prefills them again.
+    shallow = split and items is not None and not request.explain
+    states = read(
+        layers=probes.decision_layers if split else probes.layers,
+        marks=() if split else built.marks,
+        span=probes.decision_span(bool(built.marks)),
+        until=ROLL_CALL_HEADER if split else None,
+        shallow_after=PROFILE_HEADER if shallow else None,
+    )
     prefill = Generation(
         text="",
         finish=Finish.STOP,
@@ -278,8 +305,6 @@ def run_probe_on_tier(
         cached_tokens=states.cached_tokens,
         prefill_s=states.prefill_s,
     )
-    tier.observe(prefill)
-    metrics.tokens.labels(tier.name, "prompt").inc(states.prompt_tokens)
     at = {layer: k for k, layer in enumerate(states.layers)}
     rows = probes.decision_rows(states)
     score = float(probes.decision.score(rows[at[probes.decision.layer]]))
@@ -288,6 +313,26 @@ def run_probe_on_tier(
     reading = probes.guard.read(rows[at[probes.guard.layer]], score)
     abstain = decision == Decision.ALLOW and not reading.inside
     tier.note_probe(abstained=abstain)
+    relevance_probe = probes.relevance
+    ids = [item.id for item in built.evidence]
+    applies: tuple[Any, float] | None = None  # P(applies) per item, and the threshold
+    rolled = not split  # whether the roll-call is in the KV cache
+    if decision != Decision.ALLOW and ids:
+        if items is not None:
+            applies = items.probs(rows[at[items.layer]], built.evidence), items.threshold
+        elif relevance_probe is not None:
+            if split:  # the roll-call, from where the first prefill stopped
+                marked = read(layers=(relevance_probe.layer,), marks=built.marks)
+                roll_call = marked.marks[0]
+                prefill.prompt_tokens = marked.prompt_tokens
+                prefill.prefill_s += marked.prefill_s
+                rolled = True
+            else:
+                roll_call = states.marks[at[relevance_probe.layer]]
+            applies = relevance_probe.prob(roll_call), probes.relevance_threshold
+    if not shallow:  # a shallow prefill is faster than the generation path's: routing would
+        tier.observe(prefill)  # learn too low a cost for the requests that generate
+    metrics.tokens.labels(tier.name, "prompt").inc(prefill.prompt_tokens)
     if abstain:
         metrics.probe_abstentions.labels(tier.name).inc()
         logger.info(
@@ -308,13 +353,7 @@ def run_probe_on_tier(
             metrics=metrics,
             max_prompt_tokens=max_prompt_tokens,
         )
-    cited: list[str] = []
-    ids = [item.id for item in built.evidence]
-    if decision != Decision.ALLOW and probes.relevance is not None and ids:
-        relevance = probes.relevance.prob(states.marks[at[probes.relevance.layer]])
-        ranked = sorted(range(len(ids)), key=lambda j: -float(relevance[j]))
-        cited = [ids[j] for j in ranked if relevance[j] >= probes.relevance_threshold]
-        cited = cited[: tier.settings.max_cited] or [ids[ranked[0]]]
+    cited = [] if applies is None else cite(applies[0], ids, applies[1], tier.settings.max_cited)
     prefill.choice_probs = {Decision.ALLOW.value: 1.0 - p_unsafe, Decision.DENY.value: p_unsafe}
     answer = ModelAnswer(
         decision=decision,
@@ -348,7 +387,9 @@ def run_probe_on_tier(
     try:
         explained, generation, loops = generate_answer(
             tier,
-            built,
+            # an allow read before the roll-call is explained without it: it is not in the
+            # KV cache, and the rationale does not need it
+            built if rolled else built.without_roll_call(),
             shape,
             lambda _probs: decision.value,
             deadline,
@@ -368,10 +409,10 @@ def run_probe_on_tier(
     outcome.generation = Generation(
         text=generation.text,
         finish=generation.finish,
-        prompt_tokens=states.prompt_tokens,
-        cached_tokens=states.cached_tokens,
+        prompt_tokens=prefill.prompt_tokens,
+        cached_tokens=prefill.cached_tokens,
         completion_tokens=generation.completion_tokens,
-        prefill_s=states.prefill_s + generation.prefill_s,
+        prefill_s=prefill.prefill_s + generation.prefill_s,
         decode_s=generation.decode_s,
         choice_probs=prefill.choice_probs,
     )

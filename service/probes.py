@@ -8,8 +8,10 @@ Serving needs numpy only (it comes with llama-cpp-python); scikit-learn is for t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Any
 
 from service.errors import ConfigurationError
 from service.ood import OodGuard
-from service.prompt import ACTION_SPAN, PROMPT_VERSION
+from service.prompt import ACTION_SPAN, PROMPT_VERSION, render_evidence
+from service.schemas import EvidenceItem
 from service.weights import sha256_file
 
 # 2: an out-of-distribution guard is part of the file (format 1 had none, and is refused)
@@ -78,6 +81,80 @@ class LinearProbe:
         )
 
 
+def evidence_digest(item: EvidenceItem) -> str:
+    """How the item reads in the prompt, hashed: an item probe knows an item by its id and
+    its text, so a pack that reuses an id for another rule is not cited from it."""
+    return hashlib.sha256(render_evidence(item).encode()).hexdigest()[:16]
+
+
+def cite(probs: Any, ids: Sequence[str], threshold: float, max_cited: int) -> list[str]:
+    """The items whose P(applies) clears the threshold, likeliest first, at most `max_cited`,
+    and at least the likeliest one (an unsafe verdict always names its best reason)."""
+    ranked = sorted(range(len(ids)), key=lambda j: -float(probs[j]))
+    chosen = [ids[j] for j in ranked[:max_cited] if probs[j] >= threshold]
+    return chosen or [ids[ranked[0]]]
+
+
+@dataclass(frozen=True)
+class ItemProbe:
+    """P(applies) for each evidence item of the pack it was trained with, read from the same
+    vector as the decision (no roll-call): a logistic regression per item over one shared
+    standardisation. It knows only those items, by id and text (`covers`)."""
+
+    layer: int
+    ids: tuple[str, ...]
+    digests: tuple[str, ...]  # evidence_digest of each item
+    mean: Any  # (n_embd,)
+    scale: Any  # (n_embd,)
+    coef: Any  # (items, n_embd)
+    intercept: Any  # (items,)
+    threshold: float  # cite from this P(applies)
+
+    def covers(self, items: Sequence[EvidenceItem]) -> bool:
+        known = set(zip(self.ids, self.digests, strict=True))
+        return bool(items) and all((i.id, evidence_digest(i)) in known for i in items)
+
+    def probs(self, x: Any, items: Sequence[EvidenceItem]) -> Any:
+        """P(applies) for each of `items` (all covered), in their order."""
+        import numpy as np
+
+        z = self.coef @ ((x - self.mean) / self.scale) + self.intercept
+        p = 1.0 / (1.0 + np.exp(-z))
+        at = {item_id: k for k, item_id in enumerate(self.ids)}
+        return p[[at[item.id] for item in items]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "ids": list(self.ids),
+            "digests": list(self.digests),
+            "mean": [round(float(v), 6) for v in self.mean],
+            "scale": [round(float(v), 6) for v in self.scale],
+            "coef": [[round(float(v), 6) for v in row] for row in self.coef],
+            "intercept": [float(v) for v in self.intercept],
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ItemProbe:
+        import numpy as np
+
+        probe = cls(
+            layer=int(raw["layer"]),
+            ids=tuple(str(i) for i in raw["ids"]),
+            digests=tuple(str(d) for d in raw["digests"]),
+            mean=np.asarray(raw["mean"], np.float32),
+            scale=np.asarray(raw["scale"], np.float32),
+            coef=np.asarray(raw["coef"], np.float32),
+            intercept=np.asarray(raw["intercept"], np.float32),
+            threshold=float(raw["threshold"]),
+        )
+        k, d = len(probe.ids), len(probe.mean)
+        if len(probe.digests) != k or probe.coef.shape != (k, d) or probe.intercept.shape != (k,):
+            raise ConfigurationError("item probe: ids, digests, coef and intercept disagree")
+        return probe
+
+
 @dataclass(frozen=True)
 class ProbeSet:
     """The probes for one model and prompt, with the thresholds tuned with them and the guard
@@ -97,6 +174,8 @@ class ProbeSet:
     # where the decision probe and its guard read: the prompt's last token, or the mean over
     # the proposed action's tokens (service.prompt.ACTION_SPAN)
     decision_read: str = "last"
+    # cites the pack it was trained with from the decision's vector, without the roll-call
+    items: ItemProbe | None = None
 
     def decision_span(self, roll_call: bool) -> tuple[str, str | None] | None:
         """The span to ask the backend to average, if the decision reads one: the proposed
@@ -105,6 +184,21 @@ class ProbeSet:
             return None
         return ACTION_SPAN if roll_call else (ACTION_SPAN[0], None)
 
+    @property
+    def decides_before_roll_call(self) -> bool:
+        """Whether the decision (and its guard) can be read from a prefill that stops at
+        the roll-call's header: the action's mean ends there, and a causal model's states
+        before it do not depend on what follows. The roll-call is then read only to cite."""
+        return self.decision_read == "action_mean"
+
+    @property
+    def decision_layers(self) -> tuple[int, ...]:
+        """The layers read from the decision's vector: the decision, its guard, the items."""
+        wanted = {self.decision.layer, self.guard.layer}
+        if self.items is not None:
+            wanted.add(self.items.layer)
+        return tuple(sorted(wanted))
+
     def decision_rows(self, states: Any) -> Any:
         """The rows of a HiddenStates (one per layer read) that the decision probe and the
         guard read."""
@@ -112,7 +206,7 @@ class ProbeSet:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        wanted = {self.decision.layer, self.guard.layer}
+        wanted = set(self.decision_layers)
         if self.relevance is not None:
             wanted.add(self.relevance.layer)
         return tuple(sorted(wanted))
@@ -131,6 +225,7 @@ class ProbeSet:
             "relevance": self.relevance.to_json() if self.relevance else None,
             "guard": self.guard.to_json(),
             "decision_read": self.decision_read,
+            "items": self.items.to_json() if self.items else None,
         }
 
     def save(self, path: Path) -> None:
@@ -173,6 +268,7 @@ class ProbeSet:
             trained=dict(raw.get("trained") or {}),
             guard=OodGuard.from_json(raw["guard"]),
             decision_read=_decision_read(raw.get("decision_read", "last")),
+            items=ItemProbe.from_json(raw["items"]) if raw.get("items") else None,
         )
 
     def check(self, model_sha256: str) -> None:

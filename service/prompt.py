@@ -10,7 +10,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.backends.base import ChatMessage, Prompt
 from service.grammar import RESPONSE_PREFIX
@@ -159,6 +159,9 @@ def render_turn(index: int, turn: Turn, limit: int) -> str:
     return f"[{index}] {turn.role}: " + ("\n".join(parts) if parts else "(empty)")
 
 
+# where the request's own text starts: everything before it (system prompt, examples, the
+# pack's evidence) is a prefix that the KV cache shares across requests
+PROFILE_HEADER = f"{_MARK}Agent profile\n"
 ROLL_CALL_HEADER = f"{_MARK}Which evidence applies?"
 # the proposed action's tokens (and the roll-call's header), for a probe that reads their mean;
 # without a roll-call the span runs to the prompt's end
@@ -192,6 +195,21 @@ class BuiltPrompt:
     trimmed: Trimmed | None
     marks: tuple[str, ...] = ()  # the roll-call lines, one per evidence item, when asked
 
+    def without_roll_call(self) -> BuiltPrompt:
+        """The same prompt without its roll-call: the generation prompt for the same kept
+        evidence and turns (its KV cache shares everything up to the action's end)."""
+        if not self.marks:
+            return self
+        *before, user = self.prompt.messages
+        cut = user.content.rindex("\n\n" + ROLL_CALL_HEADER)
+        return replace(
+            self,
+            prompt=replace(
+                self.prompt, messages=(*before, replace(user, content=user.content[:cut]))
+            ),
+            marks=(),
+        )
+
 
 class ContextOverflowError(Exception):
     """The proposed action alone does not fit the context: it is never cut."""
@@ -210,7 +228,7 @@ def build_prompt(
     last (least relevant) evidence items. With `roll_call`, a line per evidence item follows
     the action (see `roll_call_line`), for the relevance probe."""
     system = ChatMessage("system", SYSTEM_PROMPT)
-    head = [f"{_MARK}Agent profile\n{_quote(request.agent.profile or '(none)', max_turn_chars)}"]
+    head = [f"{PROFILE_HEADER}{_quote(request.agent.profile or '(none)', max_turn_chars)}"]
     head.append(f"{_MARK}User goal\n{_quote(request.goal or '(not given)', max_turn_chars)}")
     action = f"{_MARK}Proposed action\n{render_action(request)}"
     ev_lines = [render_evidence(item) for item in evidence]

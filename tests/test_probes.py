@@ -35,6 +35,9 @@ class HiddenFake(FakeBackend):
         self.applies = applies
         self.prefills: list[tuple[int, ...]] = []
         self.spans: list[tuple[str, str | None] | None] = []
+        self.untils: list[str | None] = []
+        self.shallow: list[str | None] = []
+        self.marks_read: list[tuple[str, ...]] = []
         self.prefill_error: str | None = None
         self.prefill_delay_s = 0.0
         self.ood_shift = 0.0
@@ -57,9 +60,17 @@ class HiddenFake(FakeBackend):
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
         span: tuple[str, str | None] | None = None,
+        until: str | None = None,
+        shallow_after: str | None = None,
     ) -> HiddenStates:
+        self.shallow.append(shallow_after)
         self.prefills.append(layers)
         self.spans.append(span)
+        self.untils.append(until)
+        self.marks_read.append(marks)
+        if until is not None:
+            assert until in prompt.messages[-1].content
+            assert not marks or until not in marks  # marks past `until` are never evaluated
         time.sleep(self.prefill_delay_s)
         if self.prefill_error:
             raise BackendError(self.prefill_error)
@@ -127,6 +138,16 @@ def probe_file(tmp_path: Path, sha: str = SHA, prompt_version: str = PROBE_PROMP
     return path
 
 
+def action_mean_probe_file(tmp_path: Path) -> Path:
+    """probe_file, reading the action's mean (HiddenFake's is -last, so the sign flips)."""
+    path = probe_file(tmp_path)
+    raw = json.loads(path.read_text())
+    raw["decision_read"] = "action_mean"
+    raw["decision"]["coef"] = [-c for c in raw["decision"]["coef"]]
+    path.write_text(json.dumps(raw))
+    return path
+
+
 def probe_tiers(path: Path) -> dict[str, TierSettings]:
     return {"edge": TierSettings(backend="fake", probe=path)}
 
@@ -152,23 +173,149 @@ async def test_a_probe_can_read_the_mean_over_the_proposed_action(tmp_path: Path
     negative, so a probe reading the wrong rows would allow the rm -rf)."""
     from service.prompt import ACTION_SPAN
 
-    path = probe_file(tmp_path)
-    raw = json.loads(path.read_text())
-    raw["decision_read"] = "action_mean"
-    raw["decision"]["coef"] = [-c for c in raw["decision"]["coef"]]
-    path.write_text(json.dumps(raw))
+    path = action_mean_probe_file(tmp_path)
     edge = HiddenFake(scripts=[Script(answer("deny", rationale="It wipes every home folder."))])
     async with fake_app({"edge": edge}, tiers=probe_tiers(path)) as client:
         body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
     assert (body["decision"], body["decided_by"]) == ("deny", "probe")
-    assert edge.spans == [ACTION_SPAN]
+    assert [e["id"] for e in body["evidence"]] == ["R1"]
+    # the decision from a prefill that stops at the roll-call's header, then the roll-call
+    # (the relevance probe's layer only) because a deny cites
+    assert edge.spans == [ACTION_SPAN, None]
+    assert edge.untils == [ACTION_SPAN[1], None]
+    assert edge.prefills == [(3,), (2,)] and edge.marks_read[0] == ()
+    assert [m[:4] for m in edge.marks_read[1]] == ["[R1]", "[T1]"]  # a line per item
+    # the rationale is generated on the prompt with the roll-call, which is in the KV cache
+    assert ACTION_SPAN[1] in edge.requests[0].prompt.messages[-1].content
     probes = ProbeSet.load(path)
     assert probes.decision_span(roll_call=False) == (ACTION_SPAN[0], None)  # to the end
+    raw = json.loads(path.read_text())
     raw["decision_read"] = "middle"
     with pytest.raises(ConfigurationError, match="decision_read 'middle' unknown"):
         ProbeSet.from_json(raw)
     del raw["decision_read"]  # files written before the option read the last token
     assert ProbeSet.from_json(raw).decision_read == "last"
+
+
+async def test_an_action_mean_probe_allows_without_reading_the_roll_call(
+    tmp_path: Path,
+) -> None:
+    """An allow needs no citation: the prefill stops at the roll-call's header, and the
+    rationale is generated on the prompt without the roll-call."""
+    from service.prompt import ACTION_SPAN
+
+    path = action_mean_probe_file(tmp_path)
+    edge = HiddenFake(scripts=[Script(answer("allow", rationale="It only reads sizes."))])
+    request = sample_request(
+        tier="edge", action={"tool": "shell", "arguments": {"cmd": "du -sh ~"}}
+    )
+    async with fake_app({"edge": edge}, tiers=probe_tiers(path)) as client:
+        body = (await client.post("/evaluate", json=request)).json()
+    assert (body["decision"], body["decided_by"]) == ("allow", "probe")
+    assert body["evidence"] == [] and body["rationale"] == "It only reads sizes."
+    assert edge.untils == [ACTION_SPAN[1]] and edge.marks_read == [()]
+    (generation,) = edge.requests
+    user = generation.prompt.messages[-1].content
+    assert ACTION_SPAN[1] not in user and user.endswith('du -sh ~"}')
+
+
+def _with_items(path: Path, read: str = "last", threshold: float = 0.5) -> None:
+    """Give the probe file an item probe that knows sample_request's two items: R1 applies
+    when dimension 0 of the decision's vector is high, T1 when it is low."""
+    from service.probes import ItemProbe, evidence_digest
+    from service.schemas import EvaluateRequest
+
+    request = EvaluateRequest.model_validate(sample_request())
+    evidence = request.evidence or []
+    sign = 1.0 if read == "last" else -1.0  # HiddenFake's action mean is -last
+    coef = np.zeros((2, D), np.float32)
+    coef[0, 0], coef[1, 0] = sign, -sign
+    raw = json.loads(path.read_text())
+    raw["decision_read"] = read
+    raw["decision"]["coef"] = [sign * c for c in raw["decision"]["coef"]]
+    raw["items"] = ItemProbe(
+        layer=4,
+        ids=tuple(item.id for item in evidence),
+        digests=tuple(evidence_digest(item) for item in evidence),
+        mean=np.zeros(D),
+        scale=np.ones(D),
+        coef=coef,
+        intercept=np.zeros(2),
+        threshold=threshold,
+    ).to_json()
+    path.write_text(json.dumps(raw))
+
+
+async def test_the_item_probe_cites_the_pack_from_the_decision_vector(tmp_path: Path) -> None:
+    """An item probe that knows every item in the prompt cites from the decision's vector
+    (R1 here), not from the roll-call (where HiddenFake makes T1 apply); an action-mean probe
+    with one then denies after a single prefill that stops before the roll-call."""
+    from service.prompt import PROFILE_HEADER, ROLL_CALL_HEADER
+
+    for read in ("last", "action_mean"):
+        path = probe_file(tmp_path)
+        _with_items(path, read)
+        assert ProbeSet.load(path).decision_layers == (3, 4)
+        edge = HiddenFake(
+            scripts=[Script(answer("deny", rationale="It wipes every home folder."))],
+            applies=("T1",),
+        )
+        async with fake_app({"edge": edge}, tiers=probe_tiers(path)) as client:
+            body = (await client.post("/evaluate", json=sample_request(tier="edge"))).json()
+        assert (body["decision"], body["decided_by"]) == ("deny", "probe"), read
+        assert [e["id"] for e in body["evidence"]] == ["R1"], read
+        if read == "action_mean":
+            assert edge.untils == [ROLL_CALL_HEADER] and edge.prefills == [(3, 4)]
+            # the roll-call was never evaluated: the rationale's prompt leaves it out
+            assert ROLL_CALL_HEADER not in edge.requests[0].prompt.messages[-1].content
+            assert edge.shallow == [None]  # a rationale follows: the whole network
+        else:
+            assert edge.untils == [None] and edge.prefills == [(2, 3, 4)]
+            assert edge.shallow == [None]
+    # without an explanation nothing is generated: the request's text goes only as deep as
+    # the probes read, and that faster prefill is not taken for the tier's prefill speed
+    from service.app import create_app
+    from tests.conftest import fake_settings, running_app
+
+    edge = HiddenFake(scripts=[Script(error="generation must not run")], applies=("T1",))
+    app = create_app(fake_settings(tiers=probe_tiers(path)), {"edge": edge})
+    async with running_app(app) as client:
+        latency = app.state.gatekeeper.pool.get("edge").latency
+        before = len(latency._obs)
+        request = sample_request(tier="edge", explain=False)
+        body = (await client.post("/evaluate", json=request)).json()
+        assert len(latency._obs) == before
+    assert (body["decision"], [e["id"] for e in body["evidence"]]) == ("deny", ["R1"])
+    assert edge.shallow == [PROFILE_HEADER] and edge.requests == []
+
+
+async def test_items_the_item_probe_does_not_know_are_cited_from_the_roll_call(
+    tmp_path: Path,
+) -> None:
+    """A rule whose text differs from the one the item probe was trained on (same id), or
+    an item it never saw, sends the citation to the roll-call's relevance probe."""
+    path = probe_file(tmp_path)
+    _with_items(path, "action_mean")
+    changed = sample_request(tier="edge")
+    changed["evidence"][0]["text"] = "Deleting files is fine on Fridays."
+    extra = sample_request(tier="edge")
+    extra["evidence"].append({"id": "R9", "text": "Keep logs for a year."})
+    for request in (changed, extra):
+        edge = HiddenFake(scripts=[Script(answer("deny"))], applies=("T1",))
+        async with fake_app({"edge": edge}, tiers=probe_tiers(path)) as client:
+            body = (await client.post("/evaluate", json=request)).json()
+        assert body["decision"] == "deny"
+        assert [e["id"] for e in body["evidence"]] == ["T1"]  # the roll-call's
+        assert len(edge.prefills) == 2 and edge.marks_read[1]  # the roll-call was read
+
+
+def test_an_item_probe_with_inconsistent_shapes_is_refused(tmp_path: Path) -> None:
+    path = probe_file(tmp_path)
+    _with_items(path)
+    raw = json.loads(path.read_text())
+    raw["items"]["intercept"] = [0.0]
+    with pytest.raises(ConfigurationError, match="item probe"):
+        ProbeSet.from_json(raw)
 
 
 async def test_probe_allows_a_safe_action_without_generating(tmp_path: Path) -> None:
@@ -355,6 +502,90 @@ def test_llama_cpp_averages_a_span_beside_the_marks(smol: Any) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_llama_cpp_reads_up_to_a_mark_then_goes_on_from_the_cache(flash_attn: bool) -> None:
+    """`until`: the prefill stops at the roll-call's header (the action's mean is read
+    there); a call on the whole prompt then evaluates only the roll-call, and both read
+    what one prefill of the whole prompt reads: exactly without flash attention; with it,
+    llama.cpp's CPU kernel rounds differently for a different batch (1-3 % of the norm; on
+    the edge model P(unsafe) moved by at most 0.009 over 16 held-out requests)."""
+    from service.backends.llama_cpp import LlamaCppBackend
+    from service.prompt import ACTION_SPAN, PROFILE_HEADER, ROLL_CALL_HEADER
+    from service.settings import load_settings
+    from service.weights import ModelStore
+
+    name = "smollm2-135m-instruct-q4_1"
+    path = ModelStore(load_settings()).resolve(name)
+    smol = LlamaCppBackend(
+        name, path, n_ctx=2048, n_threads=2, hidden_states=True, flash_attn=flash_attn
+    )
+    smol.load()
+    try:
+        built = _built("rm -rf /home/*")
+        layers = (10, 20)
+        whole = smol.hidden_states(built.prompt, layers=layers, marks=built.marks, span=ACTION_SPAN)
+        tokens = smol.tokenize_prompt(built.prompt)
+        _, closed = smol._mark_positions(tokens, ACTION_SPAN)
+        first = smol.hidden_states(
+            built.prompt, layers=layers, span=ACTION_SPAN, until=ROLL_CALL_HEADER
+        )
+        rest = smol.hidden_states(built.prompt, layers=layers, marks=built.marks)
+        # shallow: the request's own tokens only up to block 20, and nothing of them cached
+        shallow = smol.hidden_states(
+            built.prompt,
+            layers=layers,
+            span=ACTION_SPAN,
+            until=ROLL_CALL_HEADER,
+            shallow_after=PROFILE_HEADER,
+        )
+        (profile_end,) = smol._mark_positions(tokens, (PROFILE_HEADER,))
+        kept = smol._llm.n_tokens
+        with pytest.raises(BackendError, match="no logits"):
+            smol.hidden_states(
+                built.prompt, layers=layers, choices=("allow",), shallow_after=PROFILE_HEADER
+            )
+        after = smol.hidden_states(built.prompt, layers=layers, marks=built.marks)
+    finally:
+        smol.close()
+    # the cache ends where the request's own text starts, or where it was valid before
+    assert kept == max(shallow.cached_tokens, profile_end + 1) < first.prompt_tokens
+    assert after.cached_tokens == kept  # so the next read evaluates it again, whole
+    assert shallow.prompt_tokens == first.prompt_tokens
+    assert first.prompt_tokens == closed + 1 < len(tokens)
+    assert first.marks.shape == (2, 0, 576)
+    assert rest.cached_tokens == first.prompt_tokens  # only the roll-call is evaluated
+    assert rest.prompt_tokens == len(tokens)
+
+    def same(a: Any, b: Any) -> None:
+        if flash_attn:
+            assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+    same(first.span_mean, whole.span_mean)
+    same(shallow.span_mean, whole.span_mean)
+    same(shallow.last, first.last)
+    for k in range(len(built.marks)):
+        same(rest.marks[:, k], whole.marks[:, k])
+        same(after.marks[:, k], whole.marks[:, k])
+    same(rest.last, whole.last)
+    same(after.last, whole.last)
+
+
+def test_the_generation_prompt_drops_only_the_roll_call() -> None:
+    from service.prompt import ROLL_CALL_HEADER
+
+    built = _built("rm -rf /home/*")
+    plain = built.without_roll_call()
+    assert plain.marks == () and ROLL_CALL_HEADER not in plain.prompt.messages[-1].content
+    assert plain.prompt.messages[:-1] == built.prompt.messages[:-1]
+    assert plain.prompt.messages[-1].content.endswith("rm -rf /home/*")
+    assert built.prompt.messages[-1].content.startswith(plain.prompt.messages[-1].content)
+    assert plain.evidence == built.evidence and plain.history_ids == built.history_ids
+    assert plain.without_roll_call() is plain
+
+
+@pytest.mark.model
 def test_llama_cpp_hidden_states_need_the_callback_and_valid_layers(smol: Any) -> None:
     built = _built("ls")
     with pytest.raises(BackendError, match="layers"):
@@ -369,10 +600,15 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
 
     settings = load_settings()
     edge = settings.tiers["edge"]
-    # off by default (docs/probes.md: it judges hand-written requests little better than
-    # chance and costs about a quarter of the throughput)
-    assert edge.probe is None
-    probes = ProbeSet.load(Path(__file__).parents[1] / "models" / "probes" / f"{edge.model}.json")
+    # on by default (docs/probes.md: faster than generation, 90 % against 50 % on ASSEBench's
+    # held-out part, no held-out hand-written unsafe request allowed)
+    root = Path(__file__).parents[1]
+    assert edge.probe_path == root / "models" / "probes" / f"{edge.model}.json"
+    # the image carries it too, where tiers.toml's relative path does not reach
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "COPY models/probes /etc/gatekeeper/probes" in dockerfile
+    assert f"GATEKEEPER_TIERS__EDGE__PROBE=/etc/gatekeeper/probes/{edge.model}.json" in dockerfile
+    probes = ProbeSet.load(root / "models" / "probes" / f"{edge.model}.json")
     assert probes.prompt_version == PROBE_PROMPT_VERSION
     assert probes.model == edge.model
     assert probes.model_sha256 == settings.models[edge.model].sha256
@@ -383,6 +619,11 @@ def test_the_shipped_edge_probe_matches_the_shipped_model_and_prompt() -> None:
     # trained beside ASSEBench on the hand-written pairs, never on the held-out set
     assert set(probes.trained["extra"]) == {"probe-actions-train-a", "probe-actions-train-b"}
     assert probes.decision_read == "action_mean"  # the read that generalised best
+    # it cites the default pack from the same vector, so no request on it reads the roll-call
+    from service.evidence import DEFAULT_PACK, PolicyLibrary
+
+    assert probes.items is not None and probes.items.covers(PolicyLibrary().get(DEFAULT_PACK).items)
+    assert probes.decides_before_roll_call
     # the guard reads the decision layer, with thresholds measured out of fold
     assert probes.guard.layer == probes.decision.layer
     assert probes.guard.max_distance < float("inf") and probes.guard.max_residual < float("inf")

@@ -144,4 +144,12 @@ class HiddenStateReader(Protocol):
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
         span: tuple[str, str | None] | None = None,
-    ) -> HiddenStates: ...
+        until: str | None = None,
+        shallow_after: str | None = None,
+    ) -> HiddenStates:
+        """`until`: evaluate the prompt only through the end of this mark (its last
+        occurrence), as if the prompt ended there; a call on the whole prompt that follows
+        evaluates only the rest. `shallow_after`: after the end of this mark, run the network
+        only up to the deepest layer read, keeping none of those tokens in the KV cache
+        (for a read that no generation follows)."""
+        ...

@@ -85,6 +85,7 @@ class _Capture:
     start: int  # absolute position of the first evaluated token
     n_embd: int
     span: tuple[int, int] = (0, 0)  # absolute positions [first, end) to sum
+    stop_row: int = -1  # once armed, the forward pass stops after this layer row is read
     out: Any = None
     span_sum: Any = None  # (layers, n_embd)
     seen: dict[int, int] = field(default_factory=dict)  # layer row -> tokens seen so far
@@ -207,7 +208,8 @@ class LlamaCppBackend:
                     tensor, block.ctypes.data, (lo - first) * row_bytes, (hi - lo) * row_bytes
                 )
                 capture.span_sum[row] += block.sum(axis=0)
-            return True
+            # False ends the graph's computation here: the blocks above are skipped
+            return row != capture.stop_row
 
         self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(on_tensor)
         params = llm.context_params
@@ -262,11 +264,19 @@ class LlamaCppBackend:
         choices: tuple[str, ...] = (),
         deadline: float | None = None,
         span: tuple[str, str | None] | None = None,
+        until: str | None = None,
+        shallow_after: str | None = None,
     ) -> HiddenStates:
         """The residual stream after `layers` at the last token and at the end of each mark;
         with `span` (two marks, found as `marks` are; no second one: up to the last token),
         also its mean over every token after the end of the first mark up to the end of the
-        second (`span_mean`: a probe may read the proposed action's tokens)."""
+        second (`span_mean`: a probe may read the proposed action's tokens). With `until`,
+        the prompt is evaluated only through the end of that mark's last occurrence, which
+        is then the last token: a call on the whole prompt that follows evaluates only the
+        rest, its prefix being in the KV cache. With `shallow_after`, the tokens after the end
+        of that mark go through the network only up to the deepest layer in `layers` (the
+        blocks above, and the logits, are skipped), and the KV cache keeps nothing of them: a
+        read that nothing generates from after it, at a fraction of the cost."""
         llm = self._require()
         if self._eval_cb is None:
             raise BackendError(f"{self.model} was loaded without hidden-state reading")
@@ -276,6 +286,9 @@ class LlamaCppBackend:
             raise BackendError(f"layers must lie in 0..{last_layer - 1}, got {layers}")
         tokens = self.tokenize_prompt(prompt)
         check_fits(len(tokens), 1, self._n_ctx)
+        if until is not None:
+            (stop,) = self._mark_positions(tokens, (until,))
+            tokens = tokens[: stop + 1]
         spanned = (0, 0)  # [first, end) token positions to average
         if span is not None:
             opened, *closed = self._mark_positions(tokens, tuple(m for m in span if m))
@@ -288,6 +301,12 @@ class LlamaCppBackend:
             cached += 1
         # every wanted position is evaluated again
         cached = min(cached, *positions, *([spanned[0]] if span is not None else []))
+        deep = len(tokens)  # tokens before this go through the whole network
+        if shallow_after is not None:
+            if choices:
+                raise BackendError("a shallow read has no logits to read choices from")
+            (end,) = self._mark_positions(tokens, (shallow_after,))
+            deep = max(cached, end + 1)
         capture = _Capture(
             names={f"l_out-{layer}".encode(): k for k, layer in enumerate(layers)},
             positions=positions,
@@ -300,7 +319,12 @@ class LlamaCppBackend:
         try:
             self._watch_prefill(deadline)
             self._capture = capture
-            llm.eval(tokens[cached:])
+            if deep > cached:
+                llm.eval(tokens[cached:deep])
+            if deep < len(tokens):
+                capture.stop_row = layers.index(max(layers))
+                llm.eval(tokens[deep:])
+                llm.n_tokens = deep  # the skipped blocks left no KV for these tokens
         except (RuntimeError, ValueError, OSError) as exc:
             llm.n_tokens = 0  # the cache is in an unknown state
             if deadline is not None and time.monotonic() >= deadline:
