@@ -18,10 +18,12 @@ sha256 and the probe prompt version, so training is cheap to repeat; records go 
 label-balanced order, so an interrupted run still leaves a balanced sample.
 
 `train` fits, on the tuning part only, a logistic regression per layer for the decision (safe
-or unsafe, at the last token) and for evidence relevance (rule in the record's gold rules, at
-its roll-call line), picks each layer by 5-fold cross-validated AUC, calibrates with Platt
-scaling on out-of-fold scores, tunes the thresholds, prints every figure, plots accuracy by
-layer and writes models/probes/<model>.json with an out-of-distribution guard (`guard` fits
+or unsafe, at the last token or the action's mean) and for evidence relevance (rule in the
+record's gold rules, at its roll-call line), picks each layer by 5-fold cross-validated AUC,
+calibrates with Platt scaling on out-of-fold scores, tunes the thresholds, fits the item probe
+(a regression per pack rule on the decision's vector, by out-of-fold evidence F1), prints every
+figure, plots accuracy by layer and writes models/probes/<model>.json with an
+out-of-distribution guard (`guard` fits
 the guard alone; benchmarks/probe_guard.py). `report` and `guard-report` score the written
 probe on the reporting part's cached features; `sanity` runs hand-written actions through the
 service (benchmarks/probe_sanity.py)."""
