@@ -685,9 +685,10 @@ def probe_cites(
     ids = feats["ids"][i]
     by_id = {item.id: item for item in pack.items}
     shown = [by_id[x] for x in ids if x in by_id]
-    if probes.items is not None and len(shown) == len(ids) and probes.items.covers(shown):
-        probs = probes.items.probs(rows[i, probes.items.layer], shown)
-        return set(cite(probs, ids, probes.items.threshold, max_cited))
+    items = probes.items_for(shown) if len(shown) == len(ids) else None
+    if items is not None:
+        probs = items.probs(rows[i, items.layer], shown)
+        return set(cite(probs, ids, items.threshold, max_cited))
     assert probes.relevance is not None
     probs = probes.relevance.prob(feats["marks"][i][probes.relevance.layer])
     return set(cite(probs, ids, probes.relevance_threshold, max_cited))

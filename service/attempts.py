@@ -273,9 +273,7 @@ def run_probe_on_tier(
     # something to cite that the item probe does not know, so an allow, and a deny among the
     # pack's own rules, cost no more prefill than generation's prompt.
     split = probes.decides_before_roll_call and bool(built.marks)
-    items = (
-        probes.items if probes.items is not None and probes.items.covers(built.evidence) else None
-    )
+    items = probes.items_for(built.evidence)
 
     def read(**kwargs: Any) -> HiddenStates:
         try:

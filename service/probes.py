@@ -191,6 +191,11 @@ class ProbeSet:
         before it do not depend on what follows. The roll-call is then read only to cite."""
         return self.decision_read == "action_mean"
 
+    def items_for(self, evidence: Sequence[EvidenceItem]) -> ItemProbe | None:
+        """The item probe, when it knows every item of `evidence`; else the roll-call's
+        relevance probe cites."""
+        return self.items if self.items is not None and self.items.covers(evidence) else None
+
     @property
     def decision_layers(self) -> tuple[int, ...]:
         """The layers read from the decision's vector: the decision, its guard, the items."""
