@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ def to_request(raw: dict[str, Any]) -> EvaluateRequest:
                 )
             )
     return EvaluateRequest(
-        request_id=f"rec-{raw['id']}",
+        request_id=request_id(str(raw["id"])),
         agent=Agent(id="assebench", profile=str(raw.get("profile") or "")[:20_000]),
         goal=goal[:20_000],
         history=history[-200:],
@@ -74,8 +76,23 @@ def to_request(raw: dict[str, Any]) -> EvaluateRequest:
     )
 
 
-def load_records(path: Path) -> list[Record]:
+def request_id(record_id: str) -> str:
+    """`rec-<id>` where that is a valid request id, else a readable head and a hash of the id
+    (ToolEmu's ids name the agent model and run the id past 64 characters)."""
+    rid = "rec-" + re.sub(r"[^A-Za-z0-9_.:\-]", "_", record_id)
+    if len(rid) <= 64:
+        return rid
+    return f"{rid[:47]}-{hashlib.sha256(record_id.encode()).hexdigest()[:16]}"
+
+
+def load_records(
+    path: Path, clean: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> list[Record]:
+    """The records of a file; `clean` rewrites each raw record first (a source's format
+    markers, say) and the record keeps the cleaned form."""
     raw_records = json.loads(path.read_text("utf-8"))
+    if clean is not None:
+        raw_records = [clean(r) for r in raw_records]
     return [Record(str(r["id"]), int(r["label"]) == 1, to_request(r), r) for r in raw_records]
 
 

@@ -17,7 +17,9 @@ from benchmarks.probes import profile_groups
 from benchmarks.quality import gold_ids
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 
-TRAIN = ("probe-actions-train-a", "probe-actions-train-b")
+# every probe-actions-train-* file: a and b (2026-11-30), c to h (issue #19, each written by a
+# separate session from one brief, none of which saw the evaluation code or any score)
+TRAIN = tuple(sorted(p.stem for p in DATA.glob("probe-actions-train-*.json")))
 HELDOUT = "probe-actions-heldout"
 
 
@@ -43,6 +45,11 @@ def test_training_sets_are_minimal_pairs(name: str) -> None:
     for r in named_set(name):
         by_scenario[r.raw["scenario"]].append(r.unsafe)
     assert all(sorted(v) == [False, True] for v in by_scenario.values())
+
+
+def test_there_are_eight_training_sets() -> None:
+    assert len(TRAIN) == 8
+    assert sum(len(named_set(name)) for name in TRAIN) == 1140
 
 
 def test_held_out_set_shares_nothing_with_training() -> None:
