@@ -6,7 +6,9 @@ first entries for an hour). A request's latency is predicted as
 
     queue wait + uncached prompt tokens / prefill rate + output tokens / decode rate,
 
-at a high percentile of the observed speeds; the grammar bounds the output length."""
+at a high percentile of the observed speeds; the grammar bounds the output length. A remote
+tier that serves many requests at once is predicted instead from the time per request that it
+took at about the number in flight that the request would join."""
 
 from __future__ import annotations
 
@@ -37,16 +39,30 @@ def _level(concurrency: int) -> int:
     return max(0, (concurrency - 1).bit_length())
 
 
+# Fewer measurements than this at one level are pooled with the nearest other levels: at the
+# 0.9 quantile, a handful is its slowest one (a cold first prefill), which would predict every
+# request infeasible and so never let the tier measure that level again.
+_MIN_AT_LEVEL = 8
+
+
 def _at_concurrency(obs: list[Observation], concurrency: int | None) -> list[Observation]:
     """The observations made at the measured concurrency level nearest `concurrency` (on a
-    tie, the busier level: the slower one). A batching engine serves each request more
-    slowly the more it serves at once, so a remote tier is predicted from what it did at
-    about the load it has now, not from a serial queue."""
+    tie, the busier level: the slower one), widened to the next nearest levels until there
+    are _MIN_AT_LEVEL. A batching engine serves each request more slowly the more it serves
+    at once, so a remote tier is predicted from what it did at about the load it has now,
+    not from a serial queue."""
     if concurrency is None or not obs:
         return obs
     want = _level(concurrency)
-    nearest = min({_level(o.concurrency) for o in obs}, key=lambda lv: (abs(lv - want), -lv))
-    return [o for o in obs if _level(o.concurrency) == nearest]
+    levels = sorted({_level(o.concurrency) for o in obs}, key=lambda lv: (abs(lv - want), -lv))
+    chosen: set[int] = set()
+    picked: list[Observation] = []
+    for level in levels:
+        chosen.add(level)
+        picked = [o for o in obs if _level(o.concurrency) in chosen]
+        if len(picked) >= _MIN_AT_LEVEL:
+            break
+    return picked
 
 
 def _decode_tps(obs: list[Observation], quantile: float) -> float:
@@ -112,10 +128,15 @@ class LatencyModel:
     ) -> float:
         """Seconds, at the given quantile of slowness. A tier never measured is assumed to
         fit (0 s): the hard deadline still holds, and the first answer seeds the model.
-        `concurrency`: predict from the measurements at about that many in flight."""
+
+        `concurrency` (a remote tier that batches): the whole time per request measured at
+        about that many in flight. Its time to the first token is not a prefill speed there:
+        it includes the engine's scheduling of the others' prefills and decodes."""
         obs = _at_concurrency(self._recent(now), concurrency)
         if not obs:
             return 0.0
+        if concurrency is not None:
+            return queue_s + _quantile([o.service_s for o in obs], quantile)
         prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
         miss = _quantile([o.miss_ratio for o in obs], quantile)
         return queue_s + prompt_tokens * miss / prefill + output_tokens / _decode_tps(obs, quantile)

@@ -84,7 +84,7 @@ def test_a_paused_replica_gets_nothing_until_its_pause_ends() -> None:
 # ---- the latency model at a concurrency ----------------------------------------------------
 def test_prediction_comes_from_the_nearest_measured_concurrency() -> None:
     model = LatencyModel()
-    for _ in range(4):  # alone: 1000 prompt tokens/s, 100 tokens/s decode
+    for _ in range(8):  # alone: 1000 prompt tokens/s, 100 tokens/s decode
         model.observe(
             prompt_tokens=500, cached_tokens=0, prefill_s=0.5, completion_tokens=51, decode_s=0.5
         )
@@ -106,6 +106,27 @@ def test_prediction_comes_from_the_nearest_measured_concurrency() -> None:
     assert model.prompt_tokens_within(2.0, 50, concurrency=8) < model.prompt_tokens_within(
         2.0, 50, concurrency=1
     )
+
+
+def test_a_sparsely_measured_level_is_pooled_with_its_neighbours() -> None:
+    model = LatencyModel()
+    # one cold measurement alone (10 s) and ten warm ones at 3-4 in flight (0.2 s each)
+    model.observe(
+        prompt_tokens=1000, cached_tokens=0, prefill_s=9.0, completion_tokens=11, decode_s=1.0
+    )
+    for _ in range(10):
+        model.observe(
+            prompt_tokens=1000,
+            cached_tokens=900,
+            prefill_s=0.1,
+            completion_tokens=11,
+            decode_s=0.1,
+            concurrency=4,
+        )
+    # alone: the cold one pooled with the level nearest it, not the cold one alone (which
+    # would say 10 s for ever, as no request would be sent to measure that level again)
+    assert model.predict(1000, 10, concurrency=1) < 1.0
+    assert model.predict(1000, 10, concurrency=4) < 1.0
 
 
 # ---- the async path through /evaluate -------------------------------------------------------
