@@ -173,6 +173,25 @@ async def main_async(args: argparse.Namespace) -> None:
     if binary is None:
         raise SystemExit("no llama-server: run scripts/llama-server.sh first")
     model = ModelStore(load_settings()).resolve(SMOL)
+    if not args.failover_only:
+        await levels(args, binary, model)
+    print("failover: two replicas, one killed mid-load")
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        half = max(1, args.slots // 2)
+        doomed_url, doomed = stack.enter_context(
+            llama_server(binary, model, alias="smollm2", parallel=half, threads=1)
+        )
+        survivor, _ = stack.enter_context(
+            llama_server(binary, model, alias="smollm2", parallel=half, threads=1)
+        )
+        config = tier_config([doomed_url, survivor], concurrency=half, budget_ms=args.budget_ms)
+        url = stack.enter_context(gatekeeper(config, scratch, "f"))
+        await run_level(url, 4, 12, 600_000)
+        await failover(url, doomed, doomed_url, max(args.requests, 16), args.budget_ms)
+
+
+async def levels(args: argparse.Namespace, binary: Path, model: Path) -> None:
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         engine, _ = stack.enter_context(
@@ -213,20 +232,6 @@ async def main_async(args: argparse.Namespace) -> None:
         within = sum(r["within"] * r["n"] for r in results) / n
         allow = sum(r["allow_failed"] for r in results)
         print(f"within budget + 50 ms: {within:.1%} of {n}; 'allow' among failures: {allow}")
-    print("failover: two replicas, one killed mid-load")
-    with ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        half = max(1, args.slots // 2)
-        doomed_url, doomed = stack.enter_context(
-            llama_server(binary, model, alias="smollm2", parallel=half, threads=1)
-        )
-        survivor, _ = stack.enter_context(
-            llama_server(binary, model, alias="smollm2", parallel=half, threads=1)
-        )
-        config = tier_config([doomed_url, survivor], concurrency=half, budget_ms=args.budget_ms)
-        url = stack.enter_context(gatekeeper(config, scratch, "f"))
-        await run_level(url, 4, 12, 600_000)
-        await failover(url, doomed, doomed_url, max(args.requests, 16), args.budget_ms)
 
 
 def main() -> None:
@@ -236,6 +241,7 @@ def main() -> None:
         "--requests", type=int, default=8, help="per level and path (at least the level)"
     )
     parser.add_argument("--budget-ms", type=int, default=60_000)
+    parser.add_argument("--failover-only", action="store_true", help="skip the levels")
     asyncio.run(main_async(parser.parse_args()))
 
 

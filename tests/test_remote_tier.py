@@ -62,8 +62,14 @@ def test_ejection_keeps_the_last_replica_and_health_brings_one_back() -> None:
     clock.now += 5.0
     replicas.health(a, True)
     assert a.live
-    replicas.health(b, False)  # a failed health check ejects, the last one too
+    replicas.health(a, False)  # one failed check ejects nothing; two in a row do
+    assert a.live
     replicas.health(a, False)
+    assert [r.url for r in replicas.live] == ["http://b/v1"]
+    replicas.health(b, False, definite=False)  # timed out: the last live one is spared
+    replicas.health(b, False, definite=False)
+    assert b.live
+    replicas.health(b, False)  # refused: the last one too
     assert replicas.live == [] and replicas.acquire() is None
     assert ("http://a/v1", "ejected:lost") in events and ("http://a/v1", "readmitted") in events
 

@@ -354,24 +354,27 @@ class OpenAICompatibleBackend:
         return reader.generation(body, start, concurrency=concurrency)
 
     # ---- health -----------------------------------------------------------------------
-    async def check(self, replica: Replica) -> bool:
-        """The engine's own /health (llama.cpp's server, vLLM), else /v1/models."""
+    async def check(self, replica: Replica) -> tuple[bool, bool]:
+        """The engine's own /health (llama.cpp's server, vLLM), else /v1/models: (healthy,
+        definite), where a timeout is not definite (a busy engine may answer late)."""
         client = self._aclients[replica.url]
         timeout = self._connect_timeout_s + 1.0
         try:
             response = await client.get(f"{replica.root}/health", timeout=timeout)
             if response.status_code == 404:
                 response = await client.get("/models", timeout=timeout)
+        except httpx.TimeoutException:
+            return False, False
         except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            return False, True
+        return response.status_code == 200, True
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._health_interval_s)
             results = await asyncio.gather(*(self.check(r) for r in self.replicas.replicas))
-            for replica, ok in zip(self.replicas.replicas, results, strict=True):
-                self.replicas.health(replica, ok)
+            for replica, (ok, definite) in zip(self.replicas.replicas, results, strict=True):
+                self.replicas.health(replica, ok, definite=definite)
 
     def health(self) -> bool:
         return bool(self._clients) and bool(self.replicas.live)

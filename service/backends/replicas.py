@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 # (replica URL, event): "ejected:<reason>", "readmitted", "busy"
 ReplicaListener = Callable[[str, str], None]
+_FAILED_CHECKS = 2  # health checks failed in a row that eject a replica
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Replica:
     ejected_at: float = 0.0
     busy_until: float = 0.0
     sent: int = 0  # requests sent so far: ties in flight go to the one sent fewer
+    failed_checks: int = 0  # health checks failed in a row
 
     @property
     def root(self) -> str:
@@ -107,13 +109,20 @@ class ReplicaSet:
             replica.busy_until = self._clock() + (self.busy_s if seconds is None else seconds)
         self._notify(replica, "busy")
 
-    def health(self, replica: Replica, ok: bool) -> None:
-        """A health check's answer: a failed one ejects (the last replica too); a good one
+    def health(self, replica: Replica, ok: bool, *, definite: bool = True) -> None:
+        """A health check's answer. Two failed in a row eject the replica; the last live one
+        only when the failure is `definite` (refused, or an error status), not a timeout: an
+        engine too busy to answer its health check in time is still serving. A good answer
         readmits an ejected replica once it has been out for eject_s."""
         if not ok:
-            self.eject(replica, "health", last_too=True)
+            with self._lock:
+                replica.failed_checks += 1
+                due = replica.failed_checks >= _FAILED_CHECKS
+            if due:
+                self.eject(replica, "health", last_too=definite)
             return
         with self._lock:
+            replica.failed_checks = 0
             if replica.live or self._clock() - replica.ejected_at < self.eject_s:
                 return
             replica.live = True
