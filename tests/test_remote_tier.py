@@ -22,9 +22,10 @@ from tests.conftest import answer, fake_settings, running_app, sample_request
 from tests.scripted_engine import Reply, content_events, scripted_engines
 
 PIECES = ['{"', "decision", '":', ' "', "deny", '",', ' "evidence": ["R1"],', ' "rationale": "no"}']
-# ~0.35 s a request, over when its last piece is sent (no finish event or [DONE] after it,
-# so that the engine's count of streams at once is exact)
-SLOW = Reply(content_events(PIECES, finish=None)[:-1], pause_s=0.05)
+# ~1 s a request (long enough for all 8 to be sent before the first ends, on a loaded
+# machine too), over when its last piece is sent (no finish event or [DONE] after it, so
+# that the engine's count of streams at once is exact)
+SLOW = Reply(content_events(PIECES, finish=None)[:-1], pause_s=0.15)
 
 
 # ---- the replica set, pure -----------------------------------------------------------------
@@ -252,11 +253,11 @@ async def test_a_stopped_replica_is_ejected_and_comes_back_when_healthy() -> Non
         app = _app(_remote([a.url, b.url], eject_s=0.0))
         async with running_app(app) as client:
             a.set_healthy(False)
-            await asyncio.sleep(0.3)  # a few health checks
+            await asyncio.sleep(0.8)  # a few health checks: two failed in a row eject
             served = await _evaluate_many(client, 4, tier="strategic")
             assert len(a.bodies) == 0 and len(b.bodies) == 4
             a.set_healthy(True)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.8)
             await _evaluate_many(client, 4, tier="strategic")
             assert len(a.bodies) >= 1  # back in the choice
             b.stop()  # refused from now on: ejected at the first failure, resent to a
@@ -268,7 +269,7 @@ async def test_a_tier_whose_replicas_are_all_down_is_unavailable_and_routing_ski
     with scripted_engines(Reply(content_events(PIECES))) as (engine,):
         async with running_app(_app(_remote([engine.url]), default_tier="edge")) as client:
             engine.set_healthy(False)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.8)
             pinned = await client.post("/evaluate", json=sample_request(tier="strategic"))
             routed = (await client.post("/evaluate", json=sample_request())).json()
     assert pinned.json()["reason"] == "model_unavailable", pinned.json()
