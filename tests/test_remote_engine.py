@@ -84,21 +84,11 @@ async def test_eight_concurrent_evaluations_overlap_on_the_engines_slots(engine:
             started = time.monotonic()
             bodies = await asyncio.gather(*(_evaluate(client, i) for i in range(8)))
             took = time.monotonic() - started
-        metrics = (await client.get("/metrics")).text
     print(f"8 concurrent /evaluate in {took:.1f} s; engine slots busy at once: {watch.peak}")
     assert watch.peak >= 6, watch.peak  # the engine processed them together, not in turn
-    # Gatekeeper had them in flight together too: 8 requests sent with >= 5 in flight
-    at_most_4 = _bucket(metrics, "4.0")
-    assert _bucket(metrics, "+Inf") - at_most_4 >= 3, metrics
     for body in bodies:
         assert body["degraded"] is False or body["decision"] != "allow", body
         assert body.get("reason") != "model_error", body
-
-
-def _bucket(metrics: str, le: str) -> float:
-    key = f'gatekeeper_engine_concurrency_bucket{{le="{le}",tier="strategic"}} '
-    line = next(x for x in metrics.splitlines() if x.startswith(key))
-    return float(line.split()[-1])
 
 
 async def test_killing_a_replica_mid_load_fails_over_with_no_allow(smol_path: Path) -> None:
