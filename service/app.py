@@ -57,6 +57,7 @@ def create_app(
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
+            await pool.aclose()
             await asyncio.to_thread(pool.close)
             if log is not None:
                 await asyncio.to_thread(log.close)  # every append is in; fold the WAL

@@ -1,24 +1,30 @@
 """Generation on one tier: build the prompt and constraint, generate with the loop detector and
 the completeness check on every token, verify, and re-ask once (with anti-repetition sampling
 after a loop) when the output is unusable and the budget allows. Framework-free; runs on the
-tier's worker thread."""
+tier's worker thread, or on the event loop for a tier that serves many at once."""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from service.backends.base import (
     ChoicePolicy,
+    ConcurrentBackend,
     Finish,
     Generation,
     GenerationRequest,
     HiddenStateReader,
     HiddenStates,
 )
-from service.errors import BackendDeadlineError, BackendError
+from service.errors import (
+    BackendDeadlineError,
+    BackendError,
+    BackendOverloadedError,
+    ReplicaLostError,
+)
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopDetector, LoopVerdict
 from service.probes import ProbeSet, cite
@@ -126,6 +132,17 @@ def _build(
         raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
 
 
+def _shape(tier: Tier, built: BuiltPrompt, request: EvaluateRequest) -> AnswerShape:
+    return AnswerShape(
+        evidence_ids=tuple(item.id for item in built.evidence),
+        history_ids=built.history_ids,
+        max_cited=tier.settings.max_cited,
+        rationale_chars=tier.settings.rationale_chars,
+        revision_chars=tier.settings.revision_chars,
+        explain=request.explain,
+    )
+
+
 def run_on_tier(
     tier: Tier,
     request: EvaluateRequest,
@@ -140,18 +157,43 @@ def run_on_tier(
 ) -> Outcome:
     """The decision, citations and rationale by constrained generation."""
     built = _build(tier, request, evidence, settings, max_prompt_tokens)
-    shape = AnswerShape(
-        evidence_ids=tuple(item.id for item in built.evidence),
-        history_ids=built.history_ids,
-        max_cited=tier.settings.max_cited,
-        rationale_chars=tier.settings.rationale_chars,
-        revision_chars=tier.settings.revision_chars,
-        explain=request.explain,
-    )
+    shape = _shape(tier, built, request)
     answer, generation, loops = generate_answer(
         tier, built, shape, choose, deadline, settings=settings, metrics=metrics
     )
     return Outcome(tier, answer, built, generation, queue_s, loops)
+
+
+async def arun_on_tier(
+    tier: Tier,
+    request: EvaluateRequest,
+    evidence: list[EvidenceItem],
+    deadline: float,
+    queue_s: float,
+    *,
+    settings: Settings,
+    choose: ChoicePolicy,
+    metrics: Metrics,
+    max_prompt_tokens: int | None = None,
+) -> Outcome:
+    """`run_on_tier` on the event loop, for a tier whose engine serves many at once (its
+    token count is an estimate from characters: building the prompt costs no engine call)."""
+    built = _build(tier, request, evidence, settings, max_prompt_tokens)
+    backend = tier.backend
+    assert isinstance(backend, ConcurrentBackend)
+    attempts = _Attempts(
+        tier, built, _shape(tier, built, request), choose, deadline, settings, metrics
+    )
+    while (generation_request := attempts.next()) is not None:
+        try:
+            generation = await backend.agenerate(generation_request, attempts.on_token)
+        except BackendError as exc:
+            attempts.failed(exc)
+            continue
+        done = attempts.settle(generation)
+        if done is not None:
+            return Outcome(tier, done[0], built, done[1], queue_s, done[2])
+    attempts.give_up()
 
 
 def generate_answer(
@@ -168,69 +210,137 @@ def generate_answer(
     every token, verify, and re-ask once when the output is unusable and the budget allows."""
     backend = tier.backend
     assert backend is not None
-    limits = tier.settings
-    constraint = build_constraint(shape)
-    loops: list[LoopReport] = []
-    last_error, last_took, last_failure = "no attempt", 0.0, "invalid"
-    sampling: dict[str, Any] = {"temperature": limits.temperature}
-    for attempt in range(2 if settings.retry_once else 1):
-        started = time.monotonic()
-        if attempt and deadline - started < last_took:
-            break  # a second try would not finish in time
-        if attempt and last_failure == "loop":
-            loops[-1].action = "retry"
-        detector = LoopDetector(settings.loops)
-        detector.feed(-1, RESPONSE_PREFIX)  # the detector reads the answer from its start
-        text = RESPONSE_PREFIX
-
-        def on_token(token: int, piece: str, detector: LoopDetector = detector) -> bool:
-            nonlocal text
-            text += piece
-            if detector.feed(token, piece) is not None:
-                return True
-            return is_complete(text)  # stop at the closing brace, not one token later
-
+    attempts = _Attempts(tier, built, shape, choose, deadline, settings, metrics)
+    while (request := attempts.next()) is not None:
         try:
-            generation = backend.generate(
-                GenerationRequest(
-                    prompt=built.prompt,
-                    constraint=constraint,
-                    max_tokens=limits.max_tokens,
-                    deadline=deadline,
-                    seed=attempt,
-                    choose=choose,
-                    **sampling,
-                ),
-                on_token,
-            )
+            generation = backend.generate(request, attempts.on_token)
         except BackendError as exc:
-            raise FailClosed(DegradedReason.MODEL_ERROR, exc.message, loops) from exc
-        last_took = time.monotonic() - started
+            attempts.failed(exc)
+            continue
+        done = attempts.settle(generation)
+        if done is not None:
+            return done
+    attempts.give_up()
+
+
+# A replica lost mid-answer is resent (to another replica) at most this often per request.
+_MAX_RESENDS = 2
+
+
+class _Attempts:
+    """The attempts of one generation, for either transport: `next` gives the request to send
+    (None when none is left), `on_token` watches each piece (a fresh loop detector per
+    attempt), `settle` verifies what came back (the answer, or None to go on), `failed`
+    books an engine error, `give_up` raises what the last attempt left."""
+
+    def __init__(
+        self,
+        tier: Tier,
+        built: BuiltPrompt,
+        shape: AnswerShape,
+        choose: ChoicePolicy,
+        deadline: float,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.tier, self.built, self.shape = tier, built, shape
+        self.choose, self.deadline = choose, deadline
+        self.settings, self.metrics = settings, metrics
+        self.constraint = build_constraint(shape)
+        self.loops: list[LoopReport] = []
+        self.attempt = -1
+        self.resends = 0
+        self._resend = False
+        self.last_error, self.last_took, self.last_failure = "no attempt", 0.0, "invalid"
+        self.sampling: dict[str, Any] = {"temperature": tier.settings.temperature}
+        self.detector = LoopDetector(settings.loops)
+        self.text = RESPONSE_PREFIX
+        self.started = 0.0
+
+    def next(self) -> GenerationRequest | None:
+        self.started = time.monotonic()
+        if self._resend:
+            self._resend = False  # the same attempt again, on another replica
+        else:
+            self.attempt += 1
+            if self.attempt >= (2 if self.settings.retry_once else 1):
+                return None
+            if self.attempt and self.deadline - self.started < self.last_took:
+                return None  # a second try would not finish in time
+            if self.attempt and self.last_failure == "loop":
+                self.loops[-1].action = "retry"
+        self.detector = LoopDetector(self.settings.loops)
+        self.detector.feed(-1, RESPONSE_PREFIX)  # the detector reads the answer from its start
+        self.text = RESPONSE_PREFIX
+        return GenerationRequest(
+            prompt=self.built.prompt,
+            constraint=self.constraint,
+            max_tokens=self.tier.settings.max_tokens,
+            deadline=self.deadline,
+            seed=self.attempt,
+            choose=self.choose,
+            **self.sampling,
+        )
+
+    def on_token(self, token: int, piece: str) -> bool:
+        self.text += piece
+        if self.detector.feed(token, piece) is not None:
+            return True
+        return is_complete(self.text)  # stop at the closing brace, not one token later
+
+    def failed(self, exc: BackendError) -> None:
+        """Resend after a lost replica while the budget lasts; anything else fails closed."""
+        if (
+            isinstance(exc, ReplicaLostError)
+            and self.resends < _MAX_RESENDS
+            and time.monotonic() < self.deadline
+        ):
+            self.resends += 1
+            self._resend = True
+            logger.warning("resending on %s: %s", self.tier.name, exc.message)
+            return
+        reason = (
+            DegradedReason.OVERLOADED
+            if isinstance(exc, BackendOverloadedError)
+            else DegradedReason.MODEL_ERROR
+        )
+        raise FailClosed(reason, exc.message, self.loops) from exc
+
+    def settle(
+        self, generation: Generation
+    ) -> tuple[ModelAnswer, Generation, list[LoopReport]] | None:
+        tier, metrics = self.tier, self.metrics
+        self.last_took = time.monotonic() - self.started
         tier.observe(generation)
         metrics.tokens.labels(tier.name, "prompt").inc(generation.prompt_tokens)
         metrics.tokens.labels(tier.name, "completion").inc(generation.completion_tokens)
-        if detector.verdict is not None:
+        metrics.engine_concurrency.labels(tier.name).observe(generation.concurrency)
+        if self.detector.verdict is not None:
             # the action is settled by whoever acts on it: a retry here, or the caller
-            loops.append(_report(tier, detector.verdict, "fail_closed"))
-            logger.warning("loop on %s: %s", tier.name, detector.verdict.detail)
-            sampling, last_failure = dict(_LOOP_RETRY), "loop"
-            continue
+            self.loops.append(_report(tier, self.detector.verdict, "fail_closed"))
+            logger.warning("loop on %s: %s", tier.name, self.detector.verdict.detail)
+            self.sampling, self.last_failure = dict(_LOOP_RETRY), "loop"
+            return None
         if generation.finish == Finish.DEADLINE:
-            raise FailClosed(DegradedReason.DEADLINE, "generation stopped at the deadline", loops)
+            raise FailClosed(
+                DegradedReason.DEADLINE, "generation stopped at the deadline", self.loops
+            )
         try:
-            answer = parse_answer(RESPONSE_PREFIX + generation.text, shape)
+            answer = parse_answer(RESPONSE_PREFIX + generation.text, self.shape)
         except InvalidAnswerError as exc:
             metrics.invalid_outputs.labels(tier.name).inc()
-            last_error = str(exc)
+            self.last_error = str(exc)
             logger.warning(
                 "invalid output from %s (finish %s): %s", tier.name, generation.finish, exc
             )
-            sampling, last_failure = dict(_INVALID_RETRY), "invalid"
-            continue
-        return answer, generation, loops
-    if last_failure == "loop":
-        raise LoopFailure(loops)
-    raise FailClosed(DegradedReason.INVALID_OUTPUT, last_error, loops)
+            self.sampling, self.last_failure = dict(_INVALID_RETRY), "invalid"
+            return None
+        return answer, generation, self.loops
+
+    def give_up(self) -> NoReturn:
+        if self.last_failure == "loop":
+            raise LoopFailure(self.loops)
+        raise FailClosed(DegradedReason.INVALID_OUTPUT, self.last_error, self.loops)
 
 
 def probe_decision(probes: ProbeSet, p_unsafe: float) -> Decision:

@@ -67,6 +67,18 @@ class BackendUnavailableError(BackendError):
     code = "backend_unavailable"
 
 
+class BackendOverloadedError(BackendError):
+    """Every replica of a remote engine is at its limit or answered 429/503: fail closed as
+    'overloaded' at once rather than queue behind it."""
+
+    code = "backend_overloaded"
+
+
+class ReplicaLostError(BackendError):
+    """A replica went away mid-answer. Nothing was returned to the caller, so the request
+    may be sent again (to another replica) with a fresh loop detector."""
+
+
 class AuthenticationError(GatekeeperError):
     """No API key, or one that matches no configured key."""
 

@@ -8,7 +8,14 @@ import logging
 import time
 import uuid
 
-from service.attempts import FailClosed, LoopFailure, Outcome, run_on_tier, run_probe_on_tier
+from service.attempts import (
+    FailClosed,
+    LoopFailure,
+    Outcome,
+    arun_on_tier,
+    run_on_tier,
+    run_probe_on_tier,
+)
 from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.injection import scan
@@ -149,11 +156,11 @@ class Gatekeeper:
                 )
             if route.kind == RouteKind.OVERLOADED:
                 raise FailClosed(DegradedReason.OVERLOADED, f"tier {tier.name} queue is full")
-            if tier.state != "loaded" or tier.backend is None:
+            if not tier.available:
+                state = tier.state if tier.state != "loaded" else "without a live engine"
                 raise FailClosed(
                     DegradedReason.MODEL_UNAVAILABLE,
-                    f"tier {tier.name} is {tier.state}"
-                    + (f": {tier.detail}" if tier.detail else ""),
+                    f"tier {tier.name} is {state}" + (f": {tier.detail}" if tier.detail else ""),
                 )
             self.metrics.predicted_seconds.labels(tier.name).observe(route.predicted_s)
             outcome = await self._run(tier, request, evidence, deadline, route.max_prompt_tokens)
@@ -239,16 +246,22 @@ class Gatekeeper:
                 limits.max_tokens,
                 _output_tokens(limits.rationale_chars, request.explain, probe),
             )
-            queue_s = tier.pending * tier.latency.typical_service_s()
+            # a serial tier queues; a concurrent one is predicted at the load it has now
+            queue_s, concurrency = tier.queue_s(), tier.next_concurrency()
             q = self.settings.latency_quantile
             views.append(
                 TierView(
                     name=name,
-                    available=tier.state == "loaded",
+                    available=tier.available,
                     saturated=tier.saturated,
-                    predict_s=tier.latency.predict(prompt_tokens, out, queue_s, quantile=q),
+                    predict_s=tier.latency.predict(
+                        prompt_tokens, out, queue_s, quantile=q, concurrency=concurrency
+                    ),
                     max_prompt_tokens=tier.latency.prompt_tokens_within(
-                        remaining_s - queue_s - _RESPONSE_RESERVE_S, out, quantile=q
+                        remaining_s - queue_s - _RESPONSE_RESERVE_S,
+                        out,
+                        quantile=q,
+                        concurrency=concurrency,
                     ),
                 )
             )
@@ -279,7 +292,7 @@ class Gatekeeper:
         prompt_tokens, _ = self._estimate_tokens(request, evidence)
         for name in names[names.index(outcome.tier.name) + 1 :]:
             stronger = self.pool.tiers[name]
-            if stronger.state != "loaded" or stronger.saturated:
+            if not stronger.available or stronger.saturated:
                 continue
             out = min(
                 stronger.settings.max_tokens,
@@ -289,9 +302,12 @@ class Gatekeeper:
                     stronger.probe_decides_alone(self.settings.latency_quantile),
                 ),
             )
-            queue_s = stronger.pending * stronger.latency.typical_service_s()
             predicted = stronger.latency.predict(
-                prompt_tokens, out, queue_s, quantile=self.settings.latency_quantile
+                prompt_tokens,
+                out,
+                stronger.queue_s(),
+                quantile=self.settings.latency_quantile,
+                concurrency=stronger.next_concurrency(),
             )
             if time.monotonic() + predicted > deadline - _RESPONSE_RESERVE_S:
                 continue
@@ -312,7 +328,7 @@ class Gatekeeper:
         order = names[last + 1 :] + names[:last][::-1]
         for name in order:
             tier = self.pool.tiers.get(name)
-            if name not in tried and tier is not None and tier.state == "loaded":
+            if name not in tried and tier is not None and tier.available:
                 return tier
         return None
 
@@ -357,6 +373,8 @@ class Gatekeeper:
         deadline: float,
         max_prompt_tokens: int | None,
     ) -> Outcome:
+        choose = decision_policy(self._threshold(tier.name))
+
         def job(queue_s: float) -> Outcome:
             run = run_probe_on_tier if tier.probes is not None else run_on_tier
             return run(
@@ -366,7 +384,20 @@ class Gatekeeper:
                 deadline,
                 queue_s,
                 settings=self.settings,
-                choose=decision_policy(self._threshold(tier.name)),
+                choose=choose,
+                metrics=self.metrics,
+                max_prompt_tokens=max_prompt_tokens,
+            )
+
+        async def concurrent_job(queue_s: float) -> Outcome:
+            return await arun_on_tier(
+                tier,
+                request,
+                evidence,
+                deadline,
+                queue_s,
+                settings=self.settings,
+                choose=choose,
                 metrics=self.metrics,
                 max_prompt_tokens=max_prompt_tokens,
             )
@@ -375,10 +406,14 @@ class Gatekeeper:
         # the same loop iteration see each other
         tier.pending += 1
         self.metrics.queue_depth.labels(tier.name).set(tier.pending)
+        running = (
+            tier.run_concurrent(concurrent_job, deadline)
+            if tier.concurrent and tier.probes is None
+            else tier.run(job, deadline)
+        )
         try:
             return await asyncio.wait_for(
-                tier.run(job, deadline),
-                timeout=max(0.0, deadline - time.monotonic()) + _RESPONSE_RESERVE_S,
+                running, timeout=max(0.0, deadline - time.monotonic()) + _RESPONSE_RESERVE_S
             )
         except (TimeoutError, QueueWaitExceededError) as exc:
             raise FailClosed(DegradedReason.DEADLINE, "the latency budget ran out") from exc

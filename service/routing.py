@@ -6,7 +6,9 @@ first entries for an hour). A request's latency is predicted as
 
     queue wait + uncached prompt tokens / prefill rate + output tokens / decode rate,
 
-at a high percentile of the observed speeds; the grammar bounds the output length."""
+at a high percentile of the observed speeds; the grammar bounds the output length. A remote
+tier that serves many requests at once is predicted instead from the time per request that it
+took at about the number in flight that the request would join."""
 
 from __future__ import annotations
 
@@ -24,11 +26,43 @@ class Observation:
     decode_tps: float
     miss_ratio: float  # share of the prompt that was not reused from the KV cache
     service_s: float  # the whole generation, queue excluded
+    concurrency: int = 1  # requests in flight on the engine when it was sent, itself included
 
 
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _level(concurrency: int) -> int:
+    """Concurrency in powers of two: 1, 2, 3-4, 5-8, 9-16, ..."""
+    return max(0, (concurrency - 1).bit_length())
+
+
+# Fewer measurements than this at one level are pooled with the nearest other levels: at the
+# 0.9 quantile, a handful is its slowest one (a cold first prefill), which would predict every
+# request infeasible and so never let the tier measure that level again.
+_MIN_AT_LEVEL = 8
+
+
+def _at_concurrency(obs: list[Observation], concurrency: int | None) -> list[Observation]:
+    """The observations made at the measured concurrency level nearest `concurrency` (on a
+    tie, the busier level: the slower one), widened to the next nearest levels until there
+    are _MIN_AT_LEVEL. A batching engine serves each request more slowly the more it serves
+    at once, so a remote tier is predicted from what it did at about the load it has now,
+    not from a serial queue."""
+    if concurrency is None or not obs:
+        return obs
+    want = _level(concurrency)
+    levels = sorted({_level(o.concurrency) for o in obs}, key=lambda lv: (abs(lv - want), -lv))
+    chosen: set[int] = set()
+    picked: list[Observation] = []
+    for level in levels:
+        chosen.add(level)
+        picked = [o for o in obs if _level(o.concurrency) in chosen]
+        if len(picked) >= _MIN_AT_LEVEL:
+            break
+    return picked
 
 
 def _decode_tps(obs: list[Observation], quantile: float) -> float:
@@ -51,6 +85,7 @@ class LatencyModel:
         prefill_s: float,
         completion_tokens: int,
         decode_s: float,
+        concurrency: int = 1,
         now: float | None = None,
     ) -> None:
         evaluated = max(1, prompt_tokens - cached_tokens)
@@ -67,6 +102,7 @@ class LatencyModel:
                 decode_tps=(completion_tokens - 1) / decode_s if decoded else math.nan,
                 miss_ratio=evaluated / max(prompt_tokens, 1),
                 service_s=prefill_s + decode_s,
+                concurrency=max(1, concurrency),
             )
         )
 
@@ -88,12 +124,19 @@ class LatencyModel:
         *,
         quantile: float = 0.9,
         now: float | None = None,
+        concurrency: int | None = None,
     ) -> float:
         """Seconds, at the given quantile of slowness. A tier never measured is assumed to
-        fit (0 s): the hard deadline still holds, and the first answer seeds the model."""
-        obs = self._recent(now)
+        fit (0 s): the hard deadline still holds, and the first answer seeds the model.
+
+        `concurrency` (a remote tier that batches): the whole time per request measured at
+        about that many in flight. Its time to the first token is not a prefill speed there:
+        it includes the engine's scheduling of the others' prefills and decodes."""
+        obs = _at_concurrency(self._recent(now), concurrency)
         if not obs:
             return 0.0
+        if concurrency is not None:
+            return queue_s + _quantile([o.service_s for o in obs], quantile)
         prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
         miss = _quantile([o.miss_ratio for o in obs], quantile)
         return queue_s + prompt_tokens * miss / prefill + output_tokens / _decode_tps(obs, quantile)
@@ -103,10 +146,15 @@ class LatencyModel:
         return _quantile([o.service_s for o in obs], 0.5) if obs else 0.0
 
     def prompt_tokens_within(
-        self, seconds: float, output_tokens: int, *, quantile: float = 0.9
+        self,
+        seconds: float,
+        output_tokens: int,
+        *,
+        quantile: float = 0.9,
+        concurrency: int | None = None,
     ) -> int:
         """The largest prompt that fits `seconds` (0 when even the output alone does not)."""
-        obs = self._recent(None)
+        obs = _at_concurrency(self._recent(None), concurrency)
         if not obs:
             return 1 << 30
         prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)

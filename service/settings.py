@@ -121,6 +121,40 @@ class TierSettings(_Section):
     remote_model: str | None = Field(
         default=None, description="openai: the model name the engine serves."
     )
+    base_urls: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(
+        default_factory=list,
+        description="openai: several replicas of one engine behind this tier (each an API "
+        "root like base_url; base_url, when set, is the first). Each request goes to the live "
+        "replica with the fewest requests in flight; one that fails or times out is ejected "
+        "until its health check (/health, else /v1/models) answers again.",
+    )
+    max_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="openai: requests in flight on each replica at once, sent from the event "
+        "loop through a pooled async client; at that many per live replica the tier is "
+        "saturated (routing goes down, a pinned request is answered 'overloaded'). 1: the "
+        "serial path, one request at a time on the tier's worker thread, queued up to "
+        "max_queue (for an engine with one slot). Local tiers always run one at a time.",
+    )
+    health_interval_s: float = Field(
+        default=2.0, gt=0, le=600, description="openai: seconds between replica health checks."
+    )
+    eject_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="openai: a failed replica stays out at least this long, then returns at "
+        "its first good health check.",
+    )
+    busy_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=600,
+        description="openai: after a 429 or 503 without Retry-After, the replica gets no "
+        "request for this long (the tier is saturated while every replica is busy).",
+    )
     connect_timeout_s: float = Field(
         default=2.0, gt=0, le=60, description="openai: connect timeout (capped by the budget)."
     )
@@ -160,10 +194,16 @@ class TierSettings(_Section):
         path = self.probe.expanduser()
         return path if path.is_absolute() else PROJECT_ROOT / path
 
+    @property
+    def replica_urls(self) -> list[str]:
+        """openai: every replica's API root, base_url first, without repeats."""
+        urls = ([self.base_url] if self.base_url else []) + self.base_urls
+        return list(dict.fromkeys(u.rstrip("/") for u in urls))
+
     @model_validator(mode="after")
     def _engine_named(self) -> TierSettings:
-        if self.backend == "openai" and not (self.base_url and self.remote_model):
-            raise ValueError("backend 'openai' needs base_url and remote_model")
+        if self.backend == "openai" and not (self.replica_urls and self.remote_model):
+            raise ValueError("backend 'openai' needs base_url (or base_urls) and remote_model")
         if self.backend == "mlx" and not self.mlx_model:
             raise ValueError("backend 'mlx' needs mlx_model")
         return self

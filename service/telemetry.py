@@ -113,6 +113,27 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.engine_concurrency = Histogram(
+            "gatekeeper_engine_concurrency",
+            "Requests in flight on a remote engine replica when each request was sent, that "
+            "one included (1 on a serial tier).",
+            ["tier"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.replica_up = Gauge(
+            "gatekeeper_replica_up",
+            "1 while a remote tier's engine replica takes requests, 0 while it is ejected.",
+            ["tier", "replica"],
+            registry=r,
+        )
+        self.replica_events = Counter(
+            "gatekeeper_replica_events",
+            "Remote engine replicas ejected (failed, stalled, health), readmitted, or busy "
+            "(answered 429/503).",
+            ["tier", "replica", "event"],
+            registry=r,
+        )
         self.budget_used = Histogram(
             "gatekeeper_budget_used_ratio",
             "Answer time over the request's latency budget (above 1: a miss).",

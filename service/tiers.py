@@ -1,8 +1,10 @@
 """The loaded tiers: one backend per tier, one worker thread per backend.
 
-A llama.cpp context is not thread-safe, so each tier runs its generations on a single-thread
-executor: generations are serialised by construction, even when the awaiting request is
-cancelled (a client that hangs up cannot free the model for a second, concurrent call)."""
+A llama.cpp context is not thread-safe, so each local tier runs its generations on a
+single-thread executor: generations are serialised by construction, even when the awaiting
+request is cancelled (a client that hangs up cannot free the model for a second, concurrent
+call). A remote tier whose engine batches (`ConcurrentBackend`, `max_concurrency` > 1) runs
+its requests on the event loop instead, up to `max_concurrency` per live replica at once."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -19,6 +21,7 @@ from service.backends import create_backend
 from service.backends.base import (
     Backend,
     ChatMessage,
+    ConcurrentBackend,
     Generation,
     GenerationRequest,
     HiddenStateReader,
@@ -62,8 +65,40 @@ class Tier:
     )
 
     @property
+    def concurrent(self) -> bool:
+        """Whether requests run on the event loop, many at once (a batching remote engine)."""
+        backend = self.backend
+        return isinstance(backend, ConcurrentBackend) and backend.max_concurrency > 1
+
+    @property
+    def available(self) -> bool:
+        """Loaded, and its engine is there (a remote tier: some replica is live)."""
+        return self.state == "loaded" and self.backend is not None and self.backend.health()
+
+    @property
     def saturated(self) -> bool:
+        backend = self.backend
+        if isinstance(backend, ConcurrentBackend):
+            if backend.busy:  # every replica answered 429/503 a moment ago
+                return True
+            if self.concurrent:
+                capacity = backend.capacity
+                return capacity > 0 and self.pending >= capacity
         return self.pending >= self.settings.max_queue
+
+    def queue_s(self) -> float:
+        """The wait before this tier starts a new request: none on a concurrent tier below
+        its limit (the engine batches it with the others), a serial queue otherwise."""
+        if self.concurrent:
+            return 0.0
+        return self.pending * self.latency.typical_service_s()
+
+    def next_concurrency(self) -> int | None:
+        """In flight on the engine with the next request (None: a serial tier)."""
+        backend = self.backend
+        if self.concurrent and isinstance(backend, ConcurrentBackend):
+            return backend.next_concurrency()
+        return None
 
     def observe(self, generation: Generation) -> None:
         self.latency.observe(
@@ -72,6 +107,7 @@ class Tier:
             prefill_s=generation.prefill_s,
             completion_tokens=generation.completion_tokens,
             decode_s=generation.decode_s,
+            concurrency=generation.concurrency,
         )
 
     def note_probe(self, *, abstained: bool) -> None:
@@ -99,6 +135,14 @@ class Tier:
         future = asyncio.get_running_loop().run_in_executor(self.executor, job)
         # shield: a cancelled caller must not orphan the running job's result silently
         return await asyncio.shield(future)
+
+    async def run_concurrent(self, fn: Callable[[float], Awaitable[T]], deadline: float) -> T:
+        """Run `fn(queue_wait_s)` on the event loop, beside the tier's other requests (no
+        queue here: admission stops at the tier's capacity). Cancelling it closes the stream,
+        which stops the engine's work on it."""
+        if time.monotonic() >= deadline:
+            raise QueueWaitExceededError()
+        return await fn(0.0)
 
 
 class TierPool:
@@ -196,6 +240,24 @@ class TierPool:
                 await asyncio.get_running_loop().run_in_executor(
                     tier.executor, self._load_one, tier
                 )
+                if tier.available and isinstance(tier.backend, ConcurrentBackend):
+                    await tier.backend.start(self._replica_listener(tier.name))
+
+    def _replica_listener(self, tier: str) -> Callable[[str, str], None]:
+        metrics = self._metrics
+
+        def on_event(replica: str, event: str) -> None:
+            kind, _, reason = event.partition(":")
+            if kind == "state":  # where each replica stands at start
+                metrics.replica_up.labels(tier, replica).set(1 if reason == "up" else 0)
+                return
+            metrics.replica_events.labels(tier, replica, kind).inc()
+            if kind in ("ejected", "readmitted"):
+                metrics.replica_up.labels(tier, replica).set(1 if kind == "readmitted" else 0)
+            log = logger.warning if kind == "ejected" else logger.info
+            log("tier %s replica %s %s", tier, replica, event, extra={"reason": reason or None})
+
+        return on_event
 
     def statuses(self) -> list[TierStatus]:
         return [
@@ -207,6 +269,13 @@ class TierPool:
     def ready(self) -> bool:
         states = [t.state for t in self.tiers.values()]
         return "loaded" in states and "loading" not in states
+
+    async def aclose(self) -> None:
+        """The event-loop side of the remote tiers (async clients, health checks); `close`
+        does the rest."""
+        for tier in self.tiers.values():
+            if isinstance(tier.backend, ConcurrentBackend):
+                await tier.backend.aclose()
 
     def close(self) -> None:
         for tier in self.tiers.values():

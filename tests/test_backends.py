@@ -19,8 +19,9 @@ from tests.scripted_engine import Reply, content_events, scripted_engine
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"backend": "openai"}, "needs base_url and remote_model"),
-        ({"backend": "openai", "base_url": "http://h:1/v1"}, "needs base_url and remote_model"),
+        ({"backend": "openai"}, "needs base_url"),
+        ({"backend": "openai", "base_url": "http://h:1/v1"}, "needs base_url"),
+        ({"backend": "openai", "base_urls": ["h:1"], "remote_model": "m"}, "base_urls"),
         ({"backend": "openai", "base_url": "h:1", "remote_model": "m"}, "base_url"),
         ({"backend": "mlx"}, "needs mlx_model"),
     ],

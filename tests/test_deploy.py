@@ -136,3 +136,48 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
     for name in re.findall(r"\bGATEKEEPER_([A-Z_]+)=", text):
         top = name.lower().split("__")[0]
         assert top in Settings.model_fields or top == "config", name
+
+
+def _strategic_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from service.settings import load_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings().tiers["strategic"]
+
+
+def test_kubernetes_vllm_example_configures_a_pooled_remote_strategic_tier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "gatekeeper-vllm.yaml").read_text()))
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    engine = by["StatefulSet", "vllm"]
+    assert by["Service", "vllm"]["spec"]["clusterIP"] == "None"  # one DNS name per replica
+    [vllm] = engine["spec"]["template"]["spec"]["containers"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    seqs = next(int(a.split("=")[1]) for a in vllm["args"] if a.startswith("--max-num-seqs="))
+    [gk] = by["Deployment", "gatekeeper-vllm"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in gk["env"] if "value" in e}
+    tier = _strategic_from(env, monkeypatch)
+    replicas = engine["spec"]["replicas"]
+    assert tier.backend == "openai" and len(tier.replica_urls) == replicas
+    assert all(f"vllm-{i}.vllm:8000/v1" in tier.replica_urls[i] for i in range(replicas))
+    assert tier.max_concurrency == seqs  # no more in flight than the engine batches
+    served = next(a.split("=")[1] for a in vllm["args"] if a.startswith("--served-model-name="))
+    assert tier.remote_model == served
+
+
+def test_compose_vllm_profile_points_a_second_gatekeeper_at_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert services["vllm"]["profiles"] == ["vllm"] == services["gatekeeper-vllm"]["profiles"]
+    assert "profiles" not in services["gatekeeper"]  # the default stack is unchanged
+    env = {
+        k: v
+        for k, v in services["gatekeeper-vllm"]["environment"].items()
+        if not v.startswith("${")
+    }
+    tier = _strategic_from(env, monkeypatch)
+    assert tier.replica_urls == ["http://vllm:8000/v1"] and tier.max_concurrency == 64

@@ -13,7 +13,7 @@ import pytest
 
 from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
 from service.backends.openai import OpenAICompatibleBackend
-from service.errors import BackendError
+from service.errors import BackendError, BackendOverloadedError
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.verify import parse_answer
 from tests.realserver import free_port
@@ -169,19 +169,37 @@ def test_engine_faults_become_backend_errors(
             backend.generate(_request())
 
 
-def test_unavailable_engine_is_retried_then_answered(
+def test_a_proxy_error_is_retried_then_answered(
     backend_for: list[OpenAICompatibleBackend],
 ) -> None:
-    busy = Reply(status=503, body="loading")
-    with scripted_engine(busy, busy, Reply(content_events(PIECES))) as (url, bodies):
+    away = Reply(status=502, body="bad gateway")
+    with scripted_engine(away, away, Reply(content_events(PIECES))) as (url, bodies):
         generation = _loaded(url, backend_for, max_retries=2).generate(_request())
     assert len(bodies) == 3 and generation.text.startswith("deny")
+
+
+def test_a_busy_engine_is_overloaded_at_once_not_retried(
+    backend_for: list[OpenAICompatibleBackend],
+) -> None:
+    # 503 (loading, or a full queue) and 429 are the engine's own "not now": the tier is
+    # saturated for busy_s, and the request fails closed as overloaded without waiting
+    for status in (503, 429):
+        with scripted_engine(Reply(status=status, body="busy")) as (url, bodies):
+            backend = _loaded(url, backend_for, max_retries=10, busy_s=30)
+            started = time.monotonic()
+            with pytest.raises(BackendOverloadedError, match=f"saturated.*{status}"):
+                backend.generate(_request())
+            assert time.monotonic() - started < 0.5 and len(bodies) == 1
+            assert backend.busy
+            with pytest.raises(BackendOverloadedError):
+                backend.generate(_request())  # nothing sent while the pause lasts
+            assert len(bodies) == 1
 
 
 def test_retries_stop_when_the_budget_is_spent(
     backend_for: list[OpenAICompatibleBackend],
 ) -> None:
-    with scripted_engine(Reply(status=503, body="loading")) as (url, bodies):
+    with scripted_engine(Reply(status=502, body="bad gateway")) as (url, bodies):
         backend = _loaded(url, backend_for, max_retries=10)
         started = time.monotonic()
         with pytest.raises(BackendError, match="engine unavailable"):

@@ -35,16 +35,20 @@ def _llama_cpp(tier: TierSettings, store: ModelStore) -> Backend:
 def _openai(tier: TierSettings, _store: ModelStore) -> Backend:
     from service.backends.openai import OpenAICompatibleBackend
 
-    assert tier.base_url is not None and tier.remote_model is not None  # TierSettings checks
+    assert tier.replica_urls and tier.remote_model is not None  # TierSettings checks
     return OpenAICompatibleBackend(
         tier.remote_model,
-        tier.base_url,
+        tier.replica_urls,
         api_key=tier.api_key.get_secret_value() if tier.api_key else None,
         context_size=tier.n_ctx,
         connect_timeout_s=tier.connect_timeout_s,
         max_retries=tier.max_retries,
         response_format=tier.response_format,
         top_logprobs=tier.top_logprobs,
+        max_concurrency=tier.max_concurrency,
+        health_interval_s=tier.health_interval_s,
+        eject_s=tier.eject_s,
+        busy_s=tier.busy_s,
     )
 
 

@@ -79,6 +79,9 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     choice_probs: dict[str, float] = field(default_factory=dict)
+    # requests in flight on the engine (this one included) when it was sent: a remote engine
+    # that batches serves each request more slowly the more it serves at once
+    concurrency: int = 1
 
 
 @dataclass
@@ -153,3 +156,41 @@ class HiddenStateReader(Protocol):
         only up to the deepest layer read, keeping none of those tokens in the KV cache
         (for a read that no generation follows)."""
         ...
+
+
+@runtime_checkable
+class ConcurrentBackend(Protocol):
+    """A backend that serves many requests at once from the event loop (a remote engine that
+    batches): `agenerate` is `generate` as a coroutine, safe to run concurrently up to
+    `capacity`; cancelling it stops the engine's work on that request."""
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests in flight per replica; 1 means the serial path (`generate` on a thread)."""
+        ...
+
+    @property
+    def capacity(self) -> int:
+        """Requests the backend takes at once now: max_concurrency per live replica."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Every live replica asked for a pause (429 or 503): the backend is saturated."""
+        ...
+
+    def next_concurrency(self) -> int:
+        """In flight on the replica that the next request would get, that request included."""
+        ...
+
+    async def start(self, on_replica_event: Callable[[str, str], None] | None = None) -> None:
+        """On the event loop, after `load`: the async transport and health checks.
+        `on_replica_event(url, event)` hears of ejections ("ejected:<reason>"), readmissions
+        and pauses ("busy")."""
+        ...
+
+    async def agenerate(
+        self, request: GenerationRequest, on_token: TokenHook | None = None
+    ) -> Generation: ...
+
+    async def aclose(self) -> None: ...

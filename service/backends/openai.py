@@ -1,135 +1,68 @@
 """An OpenAI-compatible serving engine over HTTP: vLLM, the llama.cpp server, Ollama,
-llama-cpp-python's server. The engine enforces the request's JSON schema (`response_format`);
-the answer streams back over SSE so that the token hook (loop detector, completeness check)
-and the deadline act on it as they do on a local model.
+llama-cpp-python's server, one replica or several. The engine enforces the request's JSON
+schema (`response_format`); the answer streams back over SSE so that the token hook (loop
+detector, completeness check) and the deadline act on it as they do on a local model.
 
-Synchronous on purpose: `generate` already runs on the tier's own worker thread, so a pooled
-`httpx.Client` costs no event-loop time, and closing the stream stops the engine's work."""
+Two transports with the same rules (deadline, retries, replica choice and ejection):
+`agenerate` from the event loop through a pooled `httpx.AsyncClient` per replica, so that a
+tier keeps up to `max_concurrency` requests in flight on each engine and the engine batches
+them; and `generate`, synchronous, for the serial path (`max_concurrency = 1`) on the tier's
+worker thread. Closing a stream (hook, deadline, cancellation) tells the engine to stop."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
 import math
-import re
 import threading
 import time
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from service.backends.base import Finish, Generation, GenerationRequest, TokenHook
-from service.errors import BackendError
+from service.backends.openai_stream import CHARS_PER_TOKEN, StreamReader
+from service.backends.replicas import Replica, ReplicaSet
+from service.errors import (
+    BackendError,
+    BackendOverloadedError,
+    BackendUnavailableError,
+    ReplicaLostError,
+)
 
 logger = logging.getLogger(__name__)
 
-# The opening that the local backends put in the prompt (`Prompt.response_prefix`). A chat
-# engine writes it itself, with its own spacing; `Generation.text` starts after it.
-_OPENING = re.compile(r'\s*\{\s*"decision"\s*:\s*"')
-_OPENING_MAX = 64  # characters; an engine that writes something else is not waited on longer
-_RETRY_STATUS = frozenset({502, 503, 504})  # a proxy or an engine that is still starting
+_RETRY_STATUS = frozenset({502, 504})  # a proxy in front of an engine that is restarting
+_BUSY_STATUS = frozenset({429, 503})  # the engine's own "not now": saturated or loading
 _BACKOFF_S = 0.05
-# Chat engines take no tokenizer call that all of them share; a conservative estimate keeps
-# prompts inside the context (English runs ~4 characters per token in these tokenizers).
-_CHARS_PER_TOKEN = 3.0
 
 
 class _Retryable(Exception):
-    """The engine could not be reached, or said it is unavailable, before any token."""
+    """The replica could not be reached, or a proxy said it is away, before any token."""
 
 
-class _Stream:
-    """The state of one streamed answer: the raw text, the part after the opening, the
-    decision's probabilities when the engine sent log-probabilities."""
-
-    def __init__(self, on_token: TokenHook | None, choices: tuple[str, ...]) -> None:
-        self.raw = ""
-        self.text = ""
-        self.opened: bool | None = None  # None: not yet known
-        self.count = 0
-        self.finish: Finish | None = None
-        self.usage: dict[str, Any] = {}
-        self.choice_probs: dict[str, float] = {}
-        self._choices_due = False
-        self._on_token = on_token
-        self._choices = choices
-
-    def piece(self, piece: str, logprobs: list[dict[str, Any]]) -> bool:
-        """Take one streamed piece; True asks to stop."""
-        self.count += 1
-        start = len(self.raw)
-        self.raw += piece
-        if self.opened is None:
-            match = _OPENING.match(self.raw)
-            if match is not None:
-                self.opened = True
-                # the decision starts in this piece, or in the next one
-                self._choices_due = not self._read_choices(logprobs, match.end() - start)
-                piece = self.raw[match.end() :]
-            elif len(self.raw) >= _OPENING_MAX or not _could_open(self.raw):
-                self.opened = False  # another key order or shape: verified at the end
-                piece = self.raw
-            else:
-                return False
-        elif self._choices_due:
-            self._choices_due = False
-            self._read_choices(logprobs, 0)
-        self.text += piece
-        if self._on_token is None or not piece:
-            return False
-        # ids stand for the text, as with a real tokenizer: equal pieces, equal ids
-        return self._on_token(zlib.crc32(piece.encode()), piece)
-
-    def _read_choices(self, logprobs: list[dict[str, Any]], offset: int) -> bool:
-        """P(choice) from the top log-probabilities of the token at `offset` characters into
-        this piece, where the decision starts; False when the piece ends before it."""
-        if not self._choices:
-            return True
-        for entry in logprobs:
-            token = str(entry.get("token", ""))
-            if offset < len(token):
-                lead = token[:offset]  # the part of this token that closes the opening
-                tops = entry.get("top_logprobs") or []
-                for top in tops:
-                    cand = str(top.get("token", ""))
-                    if not cand.startswith(lead) or len(cand) == len(lead):
-                        continue
-                    rest = cand[len(lead) :]
-                    for word in self._choices:
-                        if word.startswith(rest):
-                            p = math.exp(float(top.get("logprob", -math.inf)))
-                            self.choice_probs[word] = self.choice_probs.get(word, 0.0) + p
-                if tops:
-                    # A word missing from the top-k is at most as likely as the last listed
-                    # token: taking that bound keeps P(allow) from being overstated by a
-                    # normalisation over the few words that happened to be listed.
-                    floor = min(math.exp(float(t.get("logprob", -math.inf))) for t in tops)
-                    for word in self._choices:
-                        self.choice_probs.setdefault(word, floor)
-                return True
-            offset -= len(token)
-        return False
-
-    def answer(self) -> str:
-        """The text after the opening, in the shape the verifier expects."""
-        if self.opened:
-            return self.text
-        try:  # an engine that wrote the keys in another order: put the decision first
-            value = json.loads(self.raw, strict=False)
-        except ValueError:
-            return self.raw
-        if not isinstance(value, dict) or not isinstance(value.get("decision"), str):
-            return self.raw
-        text = json.dumps({"decision": value.pop("decision"), **value})
-        return text[len('{"decision": "') :]
+class _Busy(Exception):
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
-def _could_open(text: str) -> bool:
-    """True while `text` is still a prefix of some opening."""
-    stripped = re.sub(r"\s+", "", text)
-    return '{"decision":"'.startswith(stripped)
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _check_status(response: httpx.Response, detail: str) -> None:
+    message = f"engine answered {response.status_code}: {detail}"
+    if response.status_code in _BUSY_STATUS:
+        raise _Busy(message, _retry_after(response))
+    if response.status_code in _RETRY_STATUS:
+        raise _Retryable(message)
+    raise BackendError(message)
 
 
 class OpenAICompatibleBackend:
@@ -138,7 +71,7 @@ class OpenAICompatibleBackend:
     def __init__(
         self,
         model: str,
-        base_url: str,
+        base_url: str | list[str],
         *,
         api_key: str | None = None,
         context_size: int = 4096,
@@ -146,44 +79,93 @@ class OpenAICompatibleBackend:
         max_retries: int = 2,
         response_format: str = "json_schema",
         top_logprobs: int = 0,
-        max_connections: int = 8,
+        max_concurrency: int = 1,
+        health_interval_s: float = 2.0,
+        eject_s: float = 5.0,
+        busy_s: float = 1.0,
     ) -> None:
         self.model = model
-        self._base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.replicas = ReplicaSet(urls, eject_s=eject_s, busy_s=busy_s)
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._context_size = context_size
         self._connect_timeout_s = connect_timeout_s
         self._max_retries = max_retries
         self._response_format = response_format
         self._top_logprobs = top_logprobs
-        self._limits = httpx.Limits(max_connections=max_connections)
-        self._client: httpx.Client | None = None
+        self._max_concurrency = max_concurrency
+        self._health_interval_s = health_interval_s
+        self._clients: dict[str, httpx.Client] = {}
+        self._aclients: dict[str, httpx.AsyncClient] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def context_size(self) -> int:
         return self._context_size
 
-    def load(self) -> None:
-        headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._client = httpx.Client(
-            base_url=self._base_url,
-            headers=headers,
-            limits=self._limits,
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @property
+    def capacity(self) -> int:
+        return self._max_concurrency * len(self.replicas.live)
+
+    @property
+    def busy(self) -> bool:
+        return self.replicas.all_busy
+
+    def next_concurrency(self) -> int:
+        return self.replicas.next_in_flight() + 1
+
+    def _limits(self) -> httpx.Limits:
+        # one connection per request in flight, and one for the health check
+        return httpx.Limits(
+            max_connections=self._max_concurrency + 1,
+            max_keepalive_connections=self._max_concurrency + 1,
         )
-        try:
-            response = self._client.get("/models", timeout=self._connect_timeout_s + 3.0)
-        except httpx.HTTPError as exc:
-            self.close()
-            raise BackendError(f"cannot reach the engine at {self._base_url}: {exc!r}") from exc
-        if response.status_code >= 400:
-            self.close()
-            raise BackendError(
-                f"the engine at {self._base_url} answered {response.status_code} to /models"
+
+    def load(self) -> None:
+        """Synchronous clients, and each replica's /models: a replica that does not answer
+        starts ejected; none answering is an error."""
+        errors = []
+        for replica in self.replicas.replicas:
+            client = httpx.Client(
+                base_url=replica.url, headers=self._headers, limits=self._limits()
             )
-        logger.info("serving %s from the engine at %s", self.model, self._base_url)
+            self._clients[replica.url] = client
+            try:
+                response = client.get("/models", timeout=self._connect_timeout_s + 3.0)
+                if response.status_code >= 400:
+                    raise BackendError(f"answered {response.status_code} to /models")
+            except (httpx.HTTPError, BackendError) as exc:
+                detail = exc.message if isinstance(exc, BackendError) else repr(exc)
+                errors.append(f"{replica.url}: {detail}")
+                self.replicas.eject(replica, "load", last_too=True)
+        if not self.replicas.live:
+            self.close()
+            raise BackendError(f"cannot reach the engine at {'; '.join(errors)}")
+        for error in errors:
+            logger.warning("replica not ready at start: %s", error)
+        logger.info(
+            "serving %s from %d engine replica(s), %d in flight each",
+            self.model,
+            len(self.replicas.live),
+            self._max_concurrency,
+        )
+
+    async def start(self, on_replica_event: Callable[[str, str], None] | None = None) -> None:
+        self.replicas.listener = on_replica_event
+        for replica in self.replicas.replicas:
+            if on_replica_event is not None:
+                on_replica_event(replica.url, f"state:{'up' if replica.live else 'down'}")
+            self._aclients[replica.url] = httpx.AsyncClient(
+                base_url=replica.url, headers=self._headers, limits=self._limits()
+            )
+        self._watcher = asyncio.create_task(self._watch(), name=f"health:{self.model}")
 
     def count_tokens(self, text: str) -> int:
-        return math.ceil(len(text) / _CHARS_PER_TOKEN)
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -216,46 +198,79 @@ class OpenAICompatibleBackend:
         left = max(deadline - time.monotonic(), 0.001)
         return httpx.Timeout(left, connect=min(self._connect_timeout_s, left))
 
+    # ---- replica choice and retries, the same for both transports ----------------------
+    def _choose(self, tried: frozenset[str]) -> Replica:
+        replica = self.replicas.acquire(tried) or self.replicas.acquire()
+        if replica is not None:
+            return replica
+        if self.replicas.all_busy:
+            raise BackendOverloadedError("every engine replica is saturated (429/503)")
+        raise BackendUnavailableError("no engine replica is live")
+
+    def _after_failure(
+        self, replica: Replica, exc: Exception, attempt: int, deadline: float
+    ) -> float:
+        """Book a failed try; the pause before the next one, or raise when it is the last."""
+        if isinstance(exc, _Busy):
+            self.replicas.pause(replica, exc.retry_after_s)
+            if self.replicas.all_busy:
+                raise BackendOverloadedError(f"engine saturated: {exc}") from exc
+            return 0.0  # another replica is open: at once, no retry spent
+        ejected = self.replicas.eject(replica, "unreachable")
+        pause = 0.0 if ejected else _BACKOFF_S * 2 ** (attempt - 1)
+        if attempt > self._max_retries or time.monotonic() + pause >= deadline:
+            raise BackendError(f"engine unavailable: {exc}") from exc
+        logger.warning("engine replica %s unavailable (%s); retry %d", replica.url, exc, attempt)
+        return pause
+
+    def _lost(self, replica: Replica, exc: httpx.HTTPError) -> ReplicaLostError:
+        self.replicas.eject(replica, "lost")
+        return ReplicaLostError(f"the engine went away mid-answer: {exc!r}")
+
+    def _stalled(self, replica: Replica, reader: StreamReader, answered: bool) -> None:
+        """The deadline passed: a replica that had not even answered the request is stalled
+        (when another one is live, it is ejected until its health check answers again)."""
+        reader.state.finish = Finish.DEADLINE
+        if not answered and self.replicas.eject(replica, "stalled"):
+            logger.warning("engine replica %s stalled; ejected", replica.url)
+
+    # ---- the serial path --------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_token: TokenHook | None = None) -> Generation:
-        client = self._client
-        if client is None:
+        if not self._clients:
             raise BackendError(f"model {self.model} is not loaded")
         body = self._body(request)
-        attempt = 0
+        attempt, tried = 0, frozenset[str]()
         while True:
-            start = time.monotonic()
+            replica = self._choose(tried)
             try:
-                return self._stream(client, body, request, on_token, start)
-            except _Retryable as exc:
-                attempt += 1
-                pause = _BACKOFF_S * 2 ** (attempt - 1)
-                if attempt > self._max_retries or time.monotonic() + pause >= request.deadline:
-                    raise BackendError(f"engine unavailable: {exc}") from exc
-                logger.warning("engine unavailable (%s); retry %d", exc, attempt)
-                time.sleep(pause)
+                return self._stream(replica, body, request, on_token)
+            except (_Retryable, _Busy) as exc:
+                attempt += 0 if isinstance(exc, _Busy) else 1
+                pause = self._after_failure(replica, exc, attempt, request.deadline)
+                tried |= {replica.url}
+            finally:
+                self.replicas.release(replica)
+            time.sleep(pause)
 
     def _stream(
         self,
-        client: httpx.Client,
+        replica: Replica,
         body: dict[str, Any],
         request: GenerationRequest,
         on_token: TokenHook | None,
-        start: float,
     ) -> Generation:
-        if time.monotonic() >= request.deadline:
+        concurrency, start = replica.in_flight, time.monotonic()
+        reader = StreamReader(request, on_token)
+        if start >= request.deadline:
             return Generation(text="", finish=Finish.DEADLINE)
-        state = _Stream(on_token, request.constraint.choices)
-        first_at: float | None = None
+        answered = False
         try:
-            with client.stream(
+            with self._clients[replica.url].stream(
                 "POST", "/chat/completions", json=body, timeout=self._timeout(request.deadline)
             ) as response:
+                answered = True
                 if response.status_code >= 400:
-                    detail = response.read().decode("utf-8", "replace")[:300]
-                    message = f"engine answered {response.status_code}: {detail}"
-                    if response.status_code in _RETRY_STATUS:
-                        raise _Retryable(message)
-                    raise BackendError(message)
+                    _check_status(response, response.read().decode("utf-8", "replace")[:300])
                 # A stalled engine must not hold the tier past the deadline: the read timeout
                 # was fixed when the request left, so a watchdog closes the stream at the
                 # deadline whatever the socket is doing.
@@ -265,91 +280,116 @@ class OpenAICompatibleBackend:
                 watchdog.daemon = True
                 watchdog.start()
                 try:
-                    for event in _events(response):
-                        if first_at is None and _has_content(event):
-                            first_at = time.monotonic()
-                        if self._take(event, state):
-                            state.finish = Finish.HOOK
-                            break
-                        if time.monotonic() >= request.deadline:
-                            state.finish = Finish.DEADLINE
-                            break
-                        if state.count >= request.max_tokens and state.finish is None:
-                            state.finish = Finish.LENGTH
+                    for line in response.iter_lines():
+                        if reader.line(line):
                             break
                 finally:
                     watchdog.cancel()
         except httpx.HTTPError as exc:
-            # Past the deadline, whatever broke the stream was the watchdog closing it.
-            if time.monotonic() >= request.deadline:
-                state.finish = Finish.DEADLINE
-            elif isinstance(exc, httpx.TransportError) and state.count == 0:
-                raise _Retryable(repr(exc)) from exc  # nothing was generated: safe to resend
-            else:
-                raise BackendError(f"the engine went away mid-answer: {exc!r}") from exc
-        end = time.monotonic()
-        first = first_at or end
-        usage = state.usage
-        details = usage.get("prompt_tokens_details") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0) or sum(
-            self.count_tokens(m["content"]) for m in body["messages"]
-        )
-        return Generation(
-            text=state.answer(),
-            finish=state.finish or Finish.STOP,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=int(details.get("cached_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or state.count),
-            prefill_s=first - start,
-            decode_s=end - first,
-            choice_probs=state.choice_probs,
-        )
+            self._transport_error(replica, reader, exc, answered)
+        return reader.generation(body, start, concurrency=concurrency)
 
-    @staticmethod
-    def _take(event: dict[str, Any], state: _Stream) -> bool:
-        if event.get("usage"):
-            state.usage = event["usage"]
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta") or {}
-            piece = delta.get("content")
-            if piece:
-                logprobs = (choice.get("logprobs") or {}).get("content") or []
-                if state.piece(str(piece), logprobs):
-                    return True
-            reason = choice.get("finish_reason")
-            if reason:
-                state.finish = Finish.LENGTH if reason == "length" else Finish.STOP
-        return False
+    def _transport_error(
+        self, replica: Replica, reader: StreamReader, exc: httpx.HTTPError, answered: bool
+    ) -> None:
+        if time.monotonic() >= reader.request.deadline:
+            # past the deadline, whatever broke the stream was the deadline
+            self._stalled(replica, reader, answered)
+        elif isinstance(exc, httpx.TransportError) and reader.state.count == 0:
+            raise _Retryable(repr(exc)) from exc  # nothing was generated: safe to resend
+        else:
+            raise self._lost(replica, exc) from exc
+
+    # ---- the concurrent path ----------------------------------------------------------
+    async def agenerate(
+        self, request: GenerationRequest, on_token: TokenHook | None = None
+    ) -> Generation:
+        if not self._aclients:
+            raise BackendError(f"model {self.model} is not started on the event loop")
+        body = self._body(request)
+        attempt, tried = 0, frozenset[str]()
+        while True:
+            replica = self._choose(tried)
+            try:
+                return await self._astream(replica, body, request, on_token)
+            except (_Retryable, _Busy) as exc:
+                attempt += 0 if isinstance(exc, _Busy) else 1
+                pause = self._after_failure(replica, exc, attempt, request.deadline)
+                tried |= {replica.url}
+            finally:
+                self.replicas.release(replica)
+            await asyncio.sleep(pause)
+
+    async def _astream(
+        self,
+        replica: Replica,
+        body: dict[str, Any],
+        request: GenerationRequest,
+        on_token: TokenHook | None,
+    ) -> Generation:
+        concurrency, start = replica.in_flight, time.monotonic()
+        reader = StreamReader(request, on_token)
+        if start >= request.deadline:
+            return Generation(text="", finish=Finish.DEADLINE)
+        answered = False
+        try:
+            async with asyncio.timeout(request.deadline - start):
+                async with self._aclients[replica.url].stream(
+                    "POST",
+                    "/chat/completions",
+                    json=body,
+                    timeout=self._timeout(request.deadline),
+                ) as response:
+                    answered = True
+                    if response.status_code >= 400:
+                        detail = (await response.aread()).decode("utf-8", "replace")[:300]
+                        _check_status(response, detail)
+                    async for line in response.aiter_lines():
+                        if reader.line(line):
+                            break
+        except TimeoutError:
+            self._stalled(replica, reader, answered)
+        except httpx.HTTPError as exc:
+            self._transport_error(replica, reader, exc, answered)
+        return reader.generation(body, start, concurrency=concurrency)
+
+    # ---- health -----------------------------------------------------------------------
+    async def check(self, replica: Replica) -> tuple[bool, bool]:
+        """The engine's own /health (llama.cpp's server, vLLM), else /v1/models: (healthy,
+        definite), where a timeout is not definite (a busy engine may answer late)."""
+        client = self._aclients[replica.url]
+        timeout = self._connect_timeout_s + 1.0
+        try:
+            response = await client.get(f"{replica.root}/health", timeout=timeout)
+            if response.status_code == 404:
+                response = await client.get("/models", timeout=timeout)
+        except httpx.TimeoutException:
+            return False, False
+        except httpx.HTTPError:
+            return False, True
+        return response.status_code == 200, True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            results = await asyncio.gather(*(self.check(r) for r in self.replicas.replicas))
+            for replica, (ok, definite) in zip(self.replicas.replicas, results, strict=True):
+                self.replicas.health(replica, ok, definite=definite)
 
     def health(self) -> bool:
-        return self._client is not None
+        return bool(self._clients) and bool(self.replicas.live)
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        clients, self._aclients = self._aclients, {}
+        for client in clients.values():
+            await client.aclose()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-
-def _has_content(event: dict[str, Any]) -> bool:
-    return any((c.get("delta") or {}).get("content") for c in event.get("choices") or [])
-
-
-def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    """Server-sent events of a streamed chat completion, as JSON objects."""
-    for line in response.iter_lines():
-        if not line or line.startswith(":"):
-            continue  # keep-alive comments and event separators
-        if not line.startswith("data:"):
-            continue  # `event:` / `id:` fields carry nothing we use
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except ValueError as exc:
-            raise BackendError(f"invalid event from the engine: {data[:120]!r}") from exc
-        if not isinstance(event, dict):
-            raise BackendError(f"invalid event from the engine: {data[:120]!r}")
-        if "error" in event:
-            raise BackendError(f"the engine reported an error: {str(event['error'])[:300]}")
-        yield event
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            client.close()
