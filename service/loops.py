@@ -58,8 +58,9 @@ class LoopSettings:
     # characters), but a tokeniser that spends one token per mark would take 48 tokens to
     # reach them; a periodic symbol-only stretch of this many tokens is a loop too.
     symbolic_tokens: int = 32
-    # A word (letters, digits, "_" or "-") this long with a digit, or twice as long without,
-    # is a hash, an address, a UUID or base64: its tokens are never compared as periodic.
+    # A word (letters, digits, "_" or "-") this long with both letters and digits, or twice
+    # as long, is a hash, an address, a UUID or base64: its tokens never fire as periodic.
+    # Digits alone are a number, and "1000000000000000..." is Gemma-270m looping.
     opaque_chars: int = 12
     # gemini-cli's LoopDetectionService hashes 50-character chunks.
     chunk_size: int = 50
@@ -316,10 +317,10 @@ class LoopDetector:
                 self._word_chars += 1
                 self._word_digit = self._word_digit or c.isdigit()
                 self._word_alpha = self._word_alpha or c.isalpha()
-                if self._word_chars >= s.opaque_chars * (1 if self._word_digit else 2):
+                mixed = self._word_digit and self._word_alpha
+                if self._word_chars >= s.opaque_chars * (1 if mixed else 2):
                     self._opaque_token = index
-            elif not (c == " " and self._word_digit and not self._word_alpha):
-                # (digit groups "4444 4444 4444" or "0 0 0 0" are one number)
+            else:
                 self._word_chars = 0
                 self._word_digit = self._word_alpha = False
             if blank:
@@ -348,11 +349,13 @@ class LoopDetector:
                 content = not self._string_is_key and (self._escape or c != '"')
             else:
                 content = not self._stack and c not in '"{['
+            nested = bool(self._stack)
             verdict = self._lex(index, c)
             if verdict is None and content:
                 verdict = self._chunk(index, c) or self._counting(index, c)
-            elif not content and self._masked:
-                # a string ended: ids in separate strings never meet
+            elif not content and self._masked and nested:
+                # JSON structure between strings: ids in separate strings never meet (a quote
+                # in top-level prose is just a mark)
                 self._masked_at += len(self._masked)
                 self._masked.clear()
                 self._numbers.clear()
@@ -371,7 +374,7 @@ class LoopDetector:
         self._prev_digit = digit
         s = self.settings
         masked, runs = self._masked, self._count_runs
-        if self._opaque_token == index and self._word_digit:
+        if self._opaque_token == index and self._word_digit and self._word_alpha:
             # a hash masks to "#a#f#..." and may look periodic: it matches nothing
             m = chr(0xE000 + (self._opaque_words % 4096))
             self._opaque_words += 1
@@ -402,14 +405,15 @@ class LoopDetector:
                         del runs[min(runs, key=runs.__getitem__)]
                     runs[lag] = run
         for lag, run in runs.items():
-            if run >= lag + min(lag * (s.count_repeats - 2), s.count_early_chars):
-                # One number counts; a list of bare numbers ("0.2" "1.0" "2.4") is data up
-                # to 10 copies.
-                if self._one_number_counts(lag) and (
-                    any(ch.isalpha() for ch in masked[-lag:]) or run >= lag * 9
-                ):
-                    hit = lag
-                    break
+            # One number counts; a list of bare numbers ("0.2" "1.0" "2.4") is data up to 10
+            # copies.
+            if (
+                run >= lag + min(lag * (s.count_repeats - 2), s.count_early_chars)
+                and self._one_number_counts(lag)
+                and (any(ch.isalpha() for ch in masked[-lag:]) or run >= lag * 9)
+            ):
+                hit = lag
+                break
         if len(masked) > 2 * s.count_max_period:
             cut = len(masked) - s.count_max_period
             del masked[:cut], self._numbers[:cut]
@@ -511,6 +515,9 @@ class LoopDetector:
                 self._in_string = False
                 # a value string ends its last sentence for near copies; a key is no text
                 verdict = None
+                if not self._stack:
+                    # a quote in top-level prose: the sentence goes on ('the "Gold" set is')
+                    return self._sentence_char(index, c) or self._end_string(index)
                 if not self._string_is_key:
                     if self._dot_pending:  # '... not clear."' ends its sentence
                         verdict = self._end_sentence(index)
@@ -528,6 +535,8 @@ class LoopDetector:
             self._in_string = True
             self._string_is_key = self._expect_key and bool(stack) and stack[-1] == "{"
             self._string.clear()
+            if not stack:
+                return self._sentence_char(index, c)
             # A quote starts new text; what came before (keys, commas) is not a sentence.
             self._drop_sentence()
             return None
