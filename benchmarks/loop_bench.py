@@ -11,7 +11,13 @@ rate on normal outputs, the detector's CPU cost per token against the edge model
 and the loop rate served through /evaluate with and without the detector (Gemma-3-270m and
 SmolLM2 as the edge tier on agent records).
 
-    .venv/bin/python -m benchmarks.loop_bench [--served 20]
+Then the loop families of `benchmarks.loop_families`, built from other people's agent text in
+../shared/data/train and tokenised by the edge model: recall, share caught within the bound,
+delay p50/p95/max per family; and the false positives on every real thought, message and tool
+output, fed as an answer's rationale (JSON) and as free text, counted on the text that does not
+hold a loop itself (an independent labeller), with the detector's cost per token on it.
+
+    .venv/bin/python -m benchmarks.loop_bench [--served 20] [--families 200]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import statistics
 import time
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import loop_families
 from service.evidence import PolicyLibrary
 from service.grammar import RESPONSE_PREFIX
 from service.loops import LoopDetector, LoopSettings
@@ -190,7 +198,8 @@ def decode_ms_per_token() -> float:
 async def served_loops(model: str, n: int) -> None:
     _, reporting = split(load_records(RECORDS))
     # long rationales give a looping model room to loop, as an operator might configure
-    tier = TierSettings(model=model, n_ctx=2048, max_tokens=320, rationale_chars=1000)
+    # n_ctx 4096: the prompt with two turns of history and the evidence no longer fits 2048
+    tier = TierSettings(model=model, n_ctx=4096, max_tokens=320, rationale_chars=1000)
     for enabled in (False, True):
         settings = load_settings(
             load_tiers=["edge"], tiers={"edge": tier}, loops=LoopSettings(enabled=enabled)
@@ -202,7 +211,9 @@ async def served_loops(model: str, n: int) -> None:
         served_loop, detected, reasons = 0, 0, Counter[str]()
         for record in reporting[:n]:
             request = record.request.model_copy(
-                update={"history": record.request.history[-2:], "latency_budget_ms": 300_000}
+                # an hour: this measures loops, and on a loaded machine the latency model would
+                # refuse slow requests as infeasible
+                update={"history": record.request.history[-2:], "latency_budget_ms": 3_600_000}
             )
             answer = await gatekeeper.evaluate(request)
             detected += bool(answer.loops)
@@ -219,6 +230,62 @@ async def served_loops(model: str, n: int) -> None:
         )
 
 
+def _pct(ordered: list[int], q: float) -> int:
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+def family_figures(n: int) -> None:
+    texts = loop_families.load_texts()
+    pool = loop_families.Pool(texts)
+    vocab = loop_families.Vocabulary.edge()
+    print(
+        f"loop families, {n} loops each, from {len(texts.prose)} real thoughts and messages and "
+        f"{len(texts.tools)} tool outputs (../shared/data/train), Qwen2.5-Coder tokens:"
+    )
+    print(f"  {'family':22s} recall  in bound  delay p50  p95  max  (bound)  kinds")
+    for family, build in loop_families.FAMILIES.items():
+        rng = random.Random(f"bench-{family}")
+        delays, in_bound, kinds = [], 0, Counter[str]()
+        bound = 0
+        for _ in range(n):
+            loop = build(rng, pool)
+            bound = loop.bound
+            result = loop_families.replay(loop, vocab)
+            if result.fired is None or result.delay is None:
+                continue
+            delays.append(result.delay)
+            in_bound += result.delay <= loop.bound
+            kinds[result.fired.kind.value] += 1
+        ordered = sorted(delays)
+        print(
+            f"  {family:22s} {len(delays) / n:6.3f}  {in_bound / n:8.3f}  {_pct(ordered, 0.5):9d}"
+            f"  {_pct(ordered, 0.95):3d}  {ordered[-1]:3d}  ({bound})  {dict(kinds.most_common(3))}"
+        )
+    fed, took = 0, 0.0
+    for name, items in (("prose", texts.prose), ("tool outputs", texts.tools)):
+        for as_json in (True, False):
+            fired, clean, labelled, labelled_fired = Counter[str](), 0, 0, 0
+            for text in items:
+                started = time.perf_counter()
+                verdict, tokens = loop_families.feed_text(text, vocab, as_json)
+                took += time.perf_counter() - started
+                fed += tokens
+                if loop_families.holds_loop(text):
+                    labelled += 1
+                    labelled_fired += verdict is not None
+                    continue
+                clean += 1
+                if verdict is not None:
+                    fired[verdict.kind.value] += 1
+            form = "as a JSON rationale" if as_json else "as free text"
+            print(
+                f"  false positives on real {name} {form}: {sum(fired.values()) / clean:.4f} "
+                f"({sum(fired.values())}/{clean}; {dict(fired)}); {labelled_fired}/{labelled} "
+                "of the texts that loop themselves fired"
+            )
+    print(f"  (tokenising and feeding the real text: {took / fed * 1e6:.1f} us per token)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,7 +295,12 @@ def main() -> None:
     parser.add_argument(
         "--served", type=int, default=20, help="records per model for the /evaluate run"
     )
+    parser.add_argument(
+        "--families", type=int, default=200, help="loops per family (0: skip the families)"
+    )
     args = parser.parse_args()
+    if args.families:
+        family_figures(args.families)
     per_token_us = detector_figures(args.loops, args.normal)
     decode_ms = decode_ms_per_token()
     print(

@@ -25,7 +25,7 @@ ANSWER = {
     "rationale": "The agent is about to run rm -rf on the home directory without "
     "confirmation; rule R1 forbids destructive commands without consent.",
 }
-GEMMA = "The policy is not clear. The policy is not clear. The policy is not clear."
+GEMMA = "The policy is not clear. The policy is not clear. The policy is not clear. "
 
 
 class Tokenizer:
@@ -108,7 +108,7 @@ def test_periodic_needs_min_repeats_copies() -> None:
 def test_periodic_at_max_period() -> None:
     block = [(i, f"w{i} ") for i in range(8)]
     # the words are numbered: the counting detector, off here, would see "w# " repeating
-    no_count = {"count_repeats": 10**6}
+    no_count = {"count_repeats": 10**6, "count_early_chars": 10**6}
     verdict = run(block * 3, LoopSettings(max_period=8, **no_count))
     assert verdict is not None
     assert (verdict.kind, verdict.period, verdict.at_token) == (LoopKind.PERIODIC_TOKENS, 8, 23)
@@ -156,7 +156,7 @@ def test_repeated_chunk_must_be_close_together() -> None:
 
 
 def test_whitespace_run() -> None:
-    tokens = Tokenizer()('{"decision":' + " " * 100)
+    tokens = Tokenizer()('{"decision":' + " " * 100, r"\S+| {1,4}")
     verdict = run(tokens)
     assert verdict is not None
     assert (verdict.kind, verdict.period) == (LoopKind.WHITESPACE_RUN, 1)
@@ -173,19 +173,29 @@ def test_newline_run_in_big_tokens() -> None:
 @pytest.mark.parametrize(
     "run_text, period",
     [
-        ("!" * 60, 1),
-        ("." * 60, 1),
-        (", " * 60, 1),
-        ("-." * 40, 2),
-        ('"", ' * 30, 3),
+        ("!" * 120, 1),
+        ("." * 120, 1),
+        (", " * 120, 1),
+        ("-." * 80, 2),
+        ('"", ' * 60, 3),
     ],
 )
 def test_punctuation_run(run_text: str, period: int) -> None:
-    for pattern in (WORDS, THREES):
+    # counted in characters: 96 marks, whatever the tokens that carry them
+    for pattern in (r".{1,8}", r".{1,12}"):
         verdict = scan("Wait" + run_text, pattern)
         assert verdict is not None
         assert (verdict.kind, verdict.period) == (LoopKind.PUNCTUATION_RUN, period)
-        assert verdict.detail.startswith("48 punctuation characters")
+        assert verdict.detail.startswith("96 punctuation characters")
+
+
+@pytest.mark.parametrize("run_text", ["!" * 60, ". " * 60, "-." * 40, "\\n" * 40])
+def test_symbol_runs_of_small_tokens_fire_within_32_tokens(run_text: str) -> None:
+    # one token per mark would take 96 tokens to reach the character threshold
+    tokens = Tokenizer()("Wait" + run_text, WORDS)
+    verdict = run(tokens)
+    assert verdict is not None and verdict.kind is LoopKind.PERIODIC_TOKENS
+    assert verdict.at_token <= 1 + 32
 
 
 @pytest.mark.parametrize("pattern", [WORDS, BPE_LIKE])
@@ -200,7 +210,8 @@ def test_gemma_sentence_loop_inside_json(pattern: str) -> None:
     assert verdict.detail == 'sentence "The policy is not clear." x3'
     second_end = token_at(tokens, text.index("clear.", text.index("clear.") + 1) + 5)
     third_end = token_at(tokens, text.rindex("clear.") + 5)
-    assert verdict.at_token == third_end
+    # a full stop ends a sentence once the next character shows it is not "example.com"
+    assert verdict.at_token == third_end + 1
     assert second_end < verdict.at_token <= second_end + 32
 
 
@@ -211,7 +222,9 @@ def test_gemma_sentence_loop_plain_text() -> None:
 
 
 def test_sentence_normalisation_and_newlines() -> None:
-    verdict = scan("Rule R1 does apply here\nrule r1  DOES apply here!\n  Rule R1 does apply here?")
+    verdict = scan(
+        "Rule R1 does apply here\nrule r1  DOES apply here!\n  Rule R1 does apply here?\n"
+    )
     assert verdict is not None
     assert verdict.kind is LoopKind.REPEATED_SENTENCE
     assert verdict.period == len("rule r1 does apply here")
@@ -351,7 +364,7 @@ def test_verdict_sticks_and_reset_clears() -> None:
     # Earlier counts are gone too: two more copies of a sentence are not yet three.
     for token_id, piece in tokenizer("The policy is not clear. The policy is not clear. "):
         assert detector.feed(token_id, piece) is None
-    for token_id, piece in tokenizer("The policy is not clear."):
+    for token_id, piece in tokenizer("The policy is not clear. "):
         detector.feed(token_id, piece)
     assert detector.verdict is not None
     assert detector.verdict.kind is LoopKind.REPEATED_SENTENCE
@@ -365,7 +378,7 @@ def test_disabled_never_fires() -> None:
 
 def test_thresholds_are_configurable() -> None:
     two = LoopSettings(sentence_repeats=2)
-    verdict = scan("The policy is not clear. The policy is not clear.", loop_settings=two)
+    verdict = scan("The policy is not clear. The policy is not clear. ", loop_settings=two)
     assert verdict is not None and verdict.kind is LoopKind.REPEATED_SENTENCE
     assert scan(" " * 100, loop_settings=LoopSettings(max_whitespace_run=101)) is None
     assert scan("Wait" + "!" * 30, loop_settings=LoopSettings(max_punct_run=20)) is not None
@@ -417,6 +430,7 @@ def test_repeated_block_always_fires(
         min_loop_tokens=min_loop_tokens,
         chunk_repeats=10**6,
         count_repeats=10**6,
+        count_early_chars=10**6,
     )
     period = len(block)
     copies = max(min_repeats, math.ceil(min_loop_tokens / period))

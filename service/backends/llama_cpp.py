@@ -57,6 +57,21 @@ except ImportError as exc:  # pragma: no cover - exercised only where llama-cpp-
 logger = logging.getLogger(__name__)
 
 
+def token_bytes(llm: Any, token: int, special: bool = False) -> bytes:
+    """The bytes of one token. `Llama.detokenize` decodes into a 32-byte buffer and returns
+    nothing for a longer piece, and Qwen's vocabulary has single tokens for runs of up to 128
+    blanks or dots: the served text lost them and the loop detector never saw the run."""
+    size = 64
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(
+            llm._model.vocab, llama_cpp.llama_token(token), buffer, size, 0, special
+        )
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n
+
+
 @lru_cache(maxsize=1)
 def _ggml() -> Any:
     """The three ggml functions that read a tensor in llama.cpp's eval callback."""
@@ -237,7 +252,7 @@ class LlamaCppBackend:
         ends: list[int] = []  # byte offset, from the start of `tail`, where each token ends
         tail = b""
         for token in reversed(tokens):
-            tail = bytes(llm.detokenize([token], special=True)) + tail
+            tail = token_bytes(llm, token, special=True) + tail
             ends.append(len(tail))
             if marks[0].encode() in tail:  # the last occurrence is now in the tail
                 break
@@ -365,7 +380,7 @@ class LlamaCppBackend:
     def _piece(self, token: int) -> str:
         if token < 0:
             return ""
-        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", "replace")
+        return token_bytes(self._llm, token, special=True).decode("utf-8", "replace")
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -479,7 +494,7 @@ class LlamaCppBackend:
                         finish = Finish.STOP
                         break
                     count += 1
-                    piece = decoder.decode(llm.detokenize([token], special=False))
+                    piece = decoder.decode(token_bytes(llm, token))
                     pieces.append(piece)
                     if on_token is not None and on_token(token, piece):
                         finish = Finish.HOOK
