@@ -93,11 +93,14 @@ async def run_edge(cases: list[ReviseCase], args: argparse.Namespace) -> list[di
 async def run_mid(
     cases: list[ReviseCase], rows: list[dict[str, Any]], args: argparse.Namespace
 ) -> None:
-    """The mid tier's decision on each offered revision (the first --mid-limit of them)."""
+    """The mid tier's decision on each offered revision, then on those the edge judge read and
+    did not allow (the first --mid-limit in all): whether the stronger judge agrees."""
     from benchmarks.quality import in_process
 
     by_id = {case.id: case for case in cases}
-    offered = [row for row in rows if row["offered"]][: args.mid_limit]
+    read = [row for row in rows if row["offered"]]
+    read += [row for row in rows if not row["offered"] and row["judge"] is not None]
+    offered = read[: args.mid_limit]
     if not offered:
         return
     async with in_process("mid") as gatekeeper:
@@ -128,6 +131,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     judged = [row for row in generated if row["judge"] is not None]
     mid_read = [row for row in offered if "mid" in row]
     mid = Counter(row["mid"] for row in mid_read)
+    mid_rejected = [row for row in judged if not row["offered"] and "mid" in row]
+    mid_other = Counter(row["mid"] for row in mid_rejected)
     added = [row["revise_s"] for row in rows if row["outcome"]]
     tried = [row["revise_s"] for row in rows if row["generated"]]
     p50, p95 = pct(tried, 0.5), pct(tried, 0.95)
@@ -140,6 +145,15 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
         "decisions: " + ", ".join(f"{k} {v}" for k, v in decisions.most_common()),
         "revision attempts: "
         + (", ".join(f"{k} {v}" for k, v in outcomes.most_common()) or "none"),
+        "no attempt (the verdict was not unsafe): "
+        + ", ".join(
+            f"{k} {v}"
+            for k, v in Counter(
+                "escalate leaning safe" if r["decision"] == "escalate" else r["decision"]
+                for r in rows
+                if not r["outcome"]
+            ).most_common()
+        ),
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -156,6 +170,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
         f"(deny {mid['deny']}, escalate {mid['escalate']}, other "
         f"{len(mid_read) - mid['allow'] - mid['deny'] - mid['escalate']}) | 0 denied "
         f"{'met' if mid_read and mid['deny'] == 0 else 'NOT met' if mid_read else 'not read'} |",
+        f"| revisions the {args.tier} judge did not allow that the mid tier allows | "
+        f"{_share(mid_other['allow'], len(mid_rejected))} (deny {mid_other['deny']}, "
+        f"escalate {mid_other['escalate']}) | |",
         "| added latency, attempts that generated (p50 / p95) | "
         + (f"{p50:.2f} s / {p95:.2f} s" if p50 is not None and p95 is not None else "n/a")
         + f" | p50 <= 2 s {'met' if p50 is not None and p50 <= TARGETS['p50_s'] else 'NOT met'} |",
@@ -171,7 +188,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     if mid_read and len(mid_read) < len(offered):
         lines.append(f"(the mid tier read the first {len(mid_read)} of {len(offered)} offered)")
     lines.append("examples (original -> revision: rule, edge judge, mid):")
-    shown = offered[:4] + [r for r in generated if not r["offered"]][:3]
+    shown = offered[:4] + [r for r in judged if not r["offered"]][:4]
     for row in shown:
         lines += [
             f"- {row['id']} [{row['outcome']}]",
@@ -190,7 +207,10 @@ async def main() -> None:
     parser.add_argument("--tier", default="edge")
     parser.add_argument("--limit", type=int, default=0, help="the first N records (0: all)")
     parser.add_argument(
-        "--mid-limit", type=int, default=1000, help="offered revisions the mid tier reads"
+        "--mid-limit",
+        type=int,
+        default=1000,
+        help="revisions the mid tier reads: the offered ones, then those the edge judge read",
     )
     parser.add_argument("--ids", help="only these records (comma-separated ids)")
     parser.add_argument("--no-mid", action="store_true", help="skip the mid tier's reads")
@@ -200,9 +220,15 @@ async def main() -> None:
     parser.add_argument(
         "--rows", type=Path, help="print the table from a saved rows.json (no model)"
     )
+    parser.add_argument(
+        "--read-mid", action="store_true", help="with --rows: add the mid tier's reads to them"
+    )
     args = parser.parse_args()
     if args.rows is not None:
         rows = json.loads(args.rows.read_text())
+        if args.read_mid:  # the mid tier's reads, added to an edge run saved before
+            await run_mid(load_revise_set(args.data), rows, args)
+            args.rows.write_text(json.dumps(rows, indent=1))
     else:
         cases = load_revise_set(args.data)
         if args.ids:
