@@ -106,6 +106,8 @@ class _Grammar:
         else:  # items kept or dropped, never invented
             item = self.add("item", " | ".join(_literal(json.dumps(v)) for v in original))
             self.chars += sum(len(json.dumps(v)) + 2 for v in original)
+        if len(original) == 1:  # a {0,0} repetition is not GBNF that llguidance accepts
+            return self.add("arr", f'"[" {item}? "]"')
         body = f'"[" ({item} (", " {item}){{0,{len(original) - 1}}})? "]"'
         return self.add("arr", body)
 

@@ -52,8 +52,14 @@ def _decode(llm: Any, compiler: Any, gbnf: str, seed: int) -> str:
 
 @pytest.mark.parametrize(
     "action",
-    [EMAIL, ToolAction(tool="shell", arguments={"cmd": "rm -rf /home/*"}), TextAction(text="rm x")],
-    ids=["nested-tool", "shell", "text"],
+    [
+        EMAIL,
+        ToolAction(tool="shell", arguments={"cmd": "rm -rf /home/*"}),
+        # lists of one item: a {0,0} repetition broke llguidance (rv-044 of the revise set)
+        ToolAction(tool="mail", arguments={"to": ["a@b.c"], "files": [{"f": 1}], "tags": []}),
+        TextAction(text="rm x"),
+    ],
+    ids=["nested-tool", "shell", "one-item-lists", "text"],
 )
 def test_the_grammar_holds_any_logits_to_the_original_shape(vocab: Any, action: Any) -> None:
     llm, compiler = vocab
