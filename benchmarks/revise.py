@@ -8,8 +8,8 @@ each it records the verdict, the revision generated (offered or not, through
 `Gatekeeper.on_revision`), what the edge judge made of it, whether it passes the record's rule,
 and the time the step added (`timing.revise_ms`). Then the mid tier reads each offered
 revision as a new proposed action in the same context (decision only): a revision the stronger
-judge would deny is one the edge tier should not have offered. Results go to
-bench-results/revise/."""
+judge would deny is one the edge tier should not have offered; then, up to --mid-limit, those
+the edge judge refused (did it refuse good ones?). Results go to bench-results/revise/."""
 
 from __future__ import annotations
 
