@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from service.attempts import (
     FailClosed,
@@ -20,6 +21,7 @@ from service.backends.base import ChoicePolicy
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.injection import scan
 from service.prompt import PREAMBLE_CHARS, render_action
+from service.reviser import RevisionAttempt, RevisionOutcome, revise_on_tier, unsafe_verdict
 from service.routing import Route, RouteKind, TierView, choose_route
 from service.schemas import (
     Decision,
@@ -29,8 +31,8 @@ from service.schemas import (
     EvidenceItem,
     InjectionSignal,
     LoopReport,
+    ProposedAction,
     RouteInfo,
-    TextAction,
     Timing,
     Usage,
 )
@@ -99,6 +101,8 @@ class Gatekeeper:
         self.pool = pool
         self.policies = policies
         self.metrics = metrics
+        # sees every revision attempt, offered or not (the benchmark reads rejected ones)
+        self.on_revision: Callable[[EvaluateRequest, RevisionAttempt], None] | None = None
 
     def _threshold(self, tier: str) -> float:
         """The tier's own allow threshold, else the global one (attached tiers have none)."""
@@ -166,6 +170,7 @@ class Gatekeeper:
             outcome = await self._run(tier, request, evidence, deadline, route.max_prompt_tokens)
             if request.tier is None:
                 outcome = await self._escalate(outcome, request, evidence, deadline, info)
+            attempt = await self._revise(outcome, request, evidence, deadline, signals)
         except FailClosed as fault:
             return self._fail_closed(request_id, tier, fault, start, budget_ms, info, signals)
         except Exception as exc:  # our own bug: still an answer, and never "allow"
@@ -174,7 +179,7 @@ class Gatekeeper:
             )
             bug = FailClosed(DegradedReason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return self._fail_closed(request_id, tier, bug, start, budget_ms, info, signals)
-        return self._answer(request_id, outcome, start, budget_ms, info, signals)
+        return self._answer(request_id, outcome, start, budget_ms, info, signals, attempt)
 
     def _scan(self, request: EvaluateRequest, request_id: str) -> list[InjectionSignal]:
         """The tripwire (service.injection): what it finds caps the decision in `_answer`."""
@@ -373,21 +378,11 @@ class Gatekeeper:
         deadline: float,
         max_prompt_tokens: int | None,
     ) -> Outcome:
+        judge = self._judge(tier, evidence, deadline, max_prompt_tokens)
         choose = decision_policy(self._threshold(tier.name))
 
         def job(queue_s: float) -> Outcome:
-            run = run_probe_on_tier if tier.probes is not None else run_on_tier
-            return run(
-                tier,
-                request,
-                evidence,
-                deadline,
-                queue_s,
-                settings=self.settings,
-                choose=choose,
-                metrics=self.metrics,
-                max_prompt_tokens=max_prompt_tokens,
-            )
+            return judge(request, queue_s)
 
         async def concurrent_job(queue_s: float) -> Outcome:
             return await arun_on_tier(
@@ -421,6 +416,108 @@ class Gatekeeper:
             tier.pending -= 1
             self.metrics.queue_depth.labels(tier.name).set(tier.pending)
 
+    def _judge(
+        self,
+        tier: Tier,
+        evidence: list[EvidenceItem],
+        deadline: float,
+        max_prompt_tokens: int | None,
+    ) -> Callable[[EvaluateRequest, float], Outcome]:
+        """How the tier reads a request: its probe, else generation (on its worker)."""
+        run = run_probe_on_tier if tier.probes is not None else run_on_tier
+        choose = decision_policy(self._threshold(tier.name))
+
+        def judge(request: EvaluateRequest, queue_s: float) -> Outcome:
+            return run(
+                tier,
+                request,
+                evidence,
+                deadline,
+                queue_s,
+                settings=self.settings,
+                choose=choose,
+                metrics=self.metrics,
+                max_prompt_tokens=max_prompt_tokens,
+            )
+
+        return judge
+
+    def _settle(self, outcome: Outcome) -> tuple[Decision, float]:
+        """The decision and its confidence, an allow held to the tier's threshold: an engine
+        that picks the decision itself (a remote one) meets the same bar as one whose
+        decision we force from the logits."""
+        decision = outcome.answer.decision
+        confidence = confidence_of(decision, outcome.generation.choice_probs)
+        allow_at = outcome.allow_at
+        threshold = allow_at if allow_at is not None else self._threshold(outcome.tier.name)
+        if decision == Decision.ALLOW and confidence < threshold:
+            decision, confidence = Decision.ESCALATE, 1.0 - confidence
+        return decision, confidence
+
+    async def _revise(
+        self,
+        outcome: Outcome,
+        request: EvaluateRequest,
+        evidence: list[EvidenceItem],
+        deadline: float,
+        signals: list[InjectionSignal],
+    ) -> RevisionAttempt | None:
+        """After an unsafe verdict, when the request (or its tier) asks: a safer action of the
+        same shape, read by the same judge in the same context (service.reviser)."""
+        tier = outcome.tier
+        wanted = request.revise if request.revise is not None else tier.settings.revise
+        decision, _ = self._settle(outcome)
+        p_allow = normalised(outcome.generation.choice_probs).get(Decision.ALLOW.value)
+        backend = tier.backend
+        if not wanted or not unsafe_verdict(decision, p_allow) or backend is None:
+            return None
+        if backend.engine == "openai":
+            return None  # a remote engine writes the answer's opening itself, not the revision's
+        if signals:  # the request argued with the judge: no action of the model's is offered
+            attempt = RevisionAttempt(RevisionOutcome.TRIPWIRE)
+        else:
+            read = self._judge(tier, evidence, deadline, None)
+
+            def judge(candidate: EvaluateRequest) -> tuple[Decision, float]:
+                return self._settle(read(candidate, 0.0))
+
+            def job(_queue_s: float) -> RevisionAttempt:
+                return revise_on_tier(
+                    tier,
+                    request,
+                    outcome,
+                    decision,
+                    deadline,
+                    judge=judge,
+                    settings=self.settings,
+                    metrics=self.metrics,
+                )
+
+            tier.pending += 1
+            self.metrics.queue_depth.labels(tier.name).set(tier.pending)
+            try:
+                attempt = await asyncio.wait_for(
+                    tier.run(job, deadline),
+                    timeout=max(0.0, deadline - time.monotonic()) + _RESPONSE_RESERVE_S,
+                )
+            except (TimeoutError, QueueWaitExceededError):
+                attempt = RevisionAttempt(RevisionOutcome.NO_BUDGET, detail="the budget ran out")
+            except Exception as exc:  # our own bug: the original decision stands
+                logger.exception("revision step failed", extra={"request_id": request.request_id})
+                attempt = RevisionAttempt(RevisionOutcome.FAULT, detail=type(exc).__name__)
+            finally:
+                tier.pending -= 1
+                self.metrics.queue_depth.labels(tier.name).set(tier.pending)
+        self.metrics.revisions.labels(tier.name, attempt.outcome.value).inc()
+        self._count_loops(attempt.loops)
+        if attempt.outcome not in (RevisionOutcome.ALLOWED, RevisionOutcome.REJECTED):
+            logger.info(
+                "no revision on %s: %s %s", tier.name, attempt.outcome.value, attempt.detail
+            )
+        if self.on_revision is not None:
+            self.on_revision(request, attempt)
+        return attempt
+
     def _count_loops(self, loops: list[LoopReport]) -> None:
         for loop in loops:
             self.metrics.loops.labels(loop.tier, loop.kind, loop.action).inc()
@@ -433,17 +530,13 @@ class Gatekeeper:
         budget_ms: int,
         info: RouteInfo,
         signals: list[InjectionSignal],
+        attempt: RevisionAttempt | None = None,
     ) -> EvaluateResponse:
         answer, gen, tier = outcome.answer, outcome.generation, outcome.tier
         by_id = {item.id: item for item in outcome.built.evidence}
-        decision = answer.decision
-        confidence = confidence_of(decision, gen.choice_probs)
-        rationale, revision = answer.rationale, answer.revision
-        threshold = outcome.allow_at if outcome.allow_at is not None else self._threshold(tier.name)
-        if decision == Decision.ALLOW and confidence < threshold:
-            # an engine that picks the decision itself (a remote one) is held to the same bar
-            # as one whose decision we force from the logits
-            decision, confidence = Decision.ESCALATE, 1.0 - confidence
+        decision, confidence = self._settle(outcome)
+        rationale = answer.rationale
+        revision: ProposedAction | None = None
         if signals and decision in (Decision.ALLOW, Decision.REVISE):
             # text in the request argued with the judge: whatever the model made of it, a
             # human decides (a revision would be the model's action, written under its sway)
@@ -455,12 +548,19 @@ class Gatekeeper:
             ).strip()
             if decision == Decision.ALLOW:
                 confidence = 1.0 - confidence
-            decision, revision = Decision.ESCALATE, None
+            decision = Decision.ESCALATE
+        if decision == Decision.REVISE:
+            # the model's own revision is free text that nothing has read: never offered
+            decision = Decision.DENY
+        if attempt is not None and attempt.offered and decision != Decision.ALLOW:
+            decision, revision = Decision.REVISE, attempt.action
+            rationale = f"{rationale} The revision is what the judge allows instead.".strip()
         timing = Timing(
             queue_ms=outcome.queue_s * 1000,
             prefill_ms=gen.prefill_s * 1000,
             decode_ms=gen.decode_s * 1000,
             total_ms=(time.monotonic() - start) * 1000,
+            revise_ms=attempt.seconds * 1000 if attempt is not None else 0.0,
         )
         response = EvaluateResponse(
             request_id=request_id,
@@ -469,12 +569,13 @@ class Gatekeeper:
             evidence=[by_id[i] for i in answer.evidence],
             cited_history=list(answer.history),
             rationale=rationale,
-            revision=TextAction(text=revision) if revision else None,
+            revision=revision,
+            revision_rejected=attempt is not None and attempt.rejected,
             tier=tier.name,
             model=tier.model,
             trimmed=outcome.built.trimmed,
             route=info,
-            loops=outcome.loops,
+            loops=outcome.loops + (attempt.loops if attempt is not None else []),
             timing=timing,
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
             decided_by="probe" if outcome.decided_by == "probe" else "generation",

@@ -141,6 +141,17 @@ class LatencyModel:
         miss = _quantile([o.miss_ratio for o in obs], quantile)
         return queue_s + prompt_tokens * miss / prefill + output_tokens / _decode_tps(obs, quantile)
 
+    def seconds_for(
+        self, evaluated_tokens: int, output_tokens: int, *, quantile: float = 0.9
+    ) -> float:
+        """Seconds to evaluate this many prompt tokens (known to miss the KV cache) and
+        decode this many, at the given quantile of slowness (0 before any measurement)."""
+        obs = self._recent(None)
+        if not obs:
+            return 0.0
+        prefill = _quantile([o.prefill_tps for o in obs], 1 - quantile)
+        return evaluated_tokens / prefill + output_tokens / _decode_tps(obs, quantile)
+
     def typical_service_s(self, now: float | None = None) -> float:
         obs = self._recent(now)
         return _quantile([o.service_s for o in obs], 0.5) if obs else 0.0

@@ -140,6 +140,12 @@ class EvaluateRequest(_Strict):
         default=None, min_length=1, max_length=32, description="Pin a tier by name."
     )
     explain: bool = Field(default=True, description="Ask for a rationale and citations.")
+    revise: bool | None = Field(
+        default=None,
+        description="After an unsafe verdict, offer a safer action of the same shape (a "
+        "call of the same tool with a subset of its arguments, or bounded text), offered only "
+        "when the same judge allows it. None: the tier's default (on for edge and mid).",
+    )
 
     @field_validator("evidence")
     @classmethod
@@ -158,6 +164,10 @@ class Timing(BaseModel):
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    revise_ms: float = Field(
+        default=0.0,
+        description="The revision step (its generation and the judge's read), within total.",
+    )
 
 
 class Usage(BaseModel):
@@ -225,7 +235,15 @@ class EvaluateResponse(BaseModel):
     )
     rationale: str = ""
     revision: ProposedAction | None = Field(
-        default=None, description="Present exactly when the decision is 'revise'."
+        default=None,
+        description="Present exactly when the decision is 'revise': a safer action of the "
+        "proposed action's shape that the same judge, reading it in the same context, allows.",
+    )
+    revision_rejected: bool = Field(
+        default=False,
+        description="A revision was generated after an unsafe verdict but not offered (the "
+        "judge would not allow it, or it looped, broke its shape or could not be read in "
+        "time): the decision is the original one.",
     )
     tier: str | None = None
     model: str | None = None

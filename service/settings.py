@@ -80,6 +80,12 @@ class TierSettings(_Section):
     rationale_chars: int = Field(default=240, ge=0, le=2000, description="maxLength of rationale.")
     revision_chars: int = Field(default=240, ge=16, le=2000, description="maxLength of revision.")
     max_cited: int = Field(default=4, ge=0, le=32, description="maxItems of cited evidence.")
+    revise: bool = Field(
+        default=False,
+        description="After an unsafe verdict, offer a safer action of the same shape, checked "
+        "by the same judge before it is offered (docs/revise.md), when the request does not "
+        "say (its `revise`) and the budget left holds a short generation and a read.",
+    )
     chat_template: Literal["auto", "none"] = Field(
         default="auto", description="'auto': the GGUF's own template; 'none': raw completion."
     )

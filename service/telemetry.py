@@ -51,6 +51,14 @@ class Metrics:
             ["tier", "decision"],
             registry=r,
         )
+        self.revisions = Counter(
+            "gatekeeper_revisions",
+            "Revision attempts after an unsafe verdict, by outcome: allowed (offered as "
+            "revise), rejected (the judge would not allow it), unchanged, no_budget, tripwire, "
+            "loop, invalid, fault.",
+            ["tier", "outcome"],
+            registry=r,
+        )
         self.invalid_outputs = Counter(
             "gatekeeper_invalid_outputs",
             "Model outputs that failed verification.",

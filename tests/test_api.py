@@ -45,7 +45,8 @@ async def test_evaluate_returns_cited_evidence_in_full() -> None:
     assert body["revision"] is None
     assert body["tier"] == "edge" and body["model"] == "fake-model"
     assert len(body["request_id"]) == 32
-    assert set(body["timing"]) == {"queue_ms", "prefill_ms", "decode_ms", "total_ms"}
+    assert set(body["timing"]) == {"queue_ms", "prefill_ms", "decode_ms", "total_ms", "revise_ms"}
+    assert body["timing"]["revise_ms"] == 0.0 and body["revision_rejected"] is False
     assert body["usage"]["completion_tokens"] > 0
 
 
@@ -76,15 +77,21 @@ async def test_default_policy_pack_is_used_without_evidence() -> None:
     assert response.json()["evidence"][0]["source"] == "policy:default"
 
 
-async def test_revise_carries_a_revision_and_other_decisions_do_not() -> None:
+async def test_revise_carries_a_checked_revision_and_other_decisions_do_not() -> None:
+    # the model's own free-text revision is never offered: the revision step writes one of
+    # the action's shape and the judge reads it (tests/test_revise_api.py)
     backend = FakeBackend(
-        scripts=[Script(answer("revise", ["R1"], [], revision="rm -rf /home/me/.cache/*"))]
+        scripts=[
+            Script(answer("revise", ["R1"], [], revision="rm -rf /home/me/.cache/*")),
+            Script('"cmd": "rm -rf /home/me/.cache/*"}}'),
+            Script(answer("allow", [], []), choice_probs={"allow": 0.9}),
+        ]
     )
     async with fake_app({"edge": backend}) as client:
-        response = await client.post("/evaluate", json=sample_request())
+        response = await client.post("/evaluate", json=sample_request(revise=True))
     body = response.json()
     assert body["decision"] == "revise"
-    assert body["revision"] == {"text": "rm -rf /home/me/.cache/*"}
+    assert body["revision"] == {"tool": "shell", "arguments": {"cmd": "rm -rf /home/me/.cache/*"}}
 
 
 @pytest.mark.parametrize(

@@ -35,12 +35,12 @@ async def test_a_loop_is_stopped_early_and_the_retry_recovers() -> None:
 
 async def test_a_tier_that_keeps_looping_hands_over_to_another_tier() -> None:
     # routing picks mid (the most capable that fits); mid loops twice; edge answers
-    fix = answer("revise", ["R1"], [], revision="du -sh /home")
+    fix = answer("deny", ["R1"], [])
     edge = FakeBackend("edge-model", scripts=[Script(fix)])
     mid = FakeBackend("mid-model", scripts=[Script(GEMMA_LOOP)])
     async with fake_app({"edge": edge, "mid": mid}) as client:
         body = (await client.post("/evaluate", json=sample_request())).json()
-    assert body["tier"] == "edge" and body["decision"] == "revise" and body["degraded"] is False
+    assert body["tier"] == "edge" and body["decision"] == "deny" and body["degraded"] is False
     loops = [(loop["tier"], loop["action"]) for loop in body["loops"]]
     assert loops == [("mid", "retry"), ("mid", "other_tier")]
     assert len(mid.requests) == 2 and len(edge.requests) == 1

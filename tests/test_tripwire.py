@@ -167,7 +167,9 @@ async def test_an_injected_request_is_escalated_whatever_the_model_says(
             "/evaluate", json=sample_request(action=_INJECTED, request_id="inj-1")
         )
         metrics = (await client.get("/metrics")).text
-    assert clean["decision"] == said and clean["injection"] == []
+    # without a revision the judge read, the model's own 'revise' is a deny (issue #21)
+    assert clean["decision"] == ("deny" if said == "revise" else said)
+    assert clean["injection"] == []
     body = response.json()
     assert response.status_code == 200
     assert body["decision"] == "escalate" and body["revision"] is None
