@@ -52,6 +52,11 @@ class ModelStoreError(GatekeeperError):
     code = "model_store_error"
 
 
+class ModelMissingError(ModelStoreError):
+    """The model is not installed, or its file is not where the tier says: the tier is
+    unavailable (an operator installs it) rather than failed."""
+
+
 class BackendError(GatekeeperError):
     """An inference engine failed; adapters raise this at their boundary."""
 
@@ -65,6 +70,10 @@ class BackendDeadlineError(BackendError):
 
 class BackendUnavailableError(BackendError):
     code = "backend_unavailable"
+
+
+class EngineMissingError(BackendUnavailableError):
+    """An optional engine (llama-cpp-python, mlx-lm, llguidance) is not installed."""
 
 
 class BackendOverloadedError(BackendError):

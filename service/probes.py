@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from service.errors import ConfigurationError
 from service.ood import OodGuard
 from service.prompt import ACTION_SPAN, PROMPT_VERSION, render_evidence
 from service.schemas import EvidenceItem
-from service.weights import sha256_file
 
 # 2: an out-of-distribution guard is part of the file (format 1 had none, and is refused)
 PROBE_FORMAT = 2
@@ -297,16 +295,3 @@ def _decision_read(value: Any) -> str:
     if value not in DECISION_READS:
         raise ConfigurationError(f"decision_read {value!r} unknown (one of {DECISION_READS})")
     return str(value)
-
-
-@lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
-
-
-def model_sha256(path: Path, known: str | None = None) -> str:
-    """The model file's sha256: the catalogue's (already verified) or computed once."""
-    if known:
-        return known
-    stat = path.stat()
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)

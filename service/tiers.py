@@ -27,7 +27,13 @@ from service.backends.base import (
     HiddenStateReader,
     Prompt,
 )
-from service.errors import ConfigurationError, GatekeeperError, UnknownTierError
+from service.errors import (
+    ConfigurationError,
+    EngineMissingError,
+    GatekeeperError,
+    ModelMissingError,
+    UnknownTierError,
+)
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.probes import ProbeMismatchError, ProbeSet
 from service.prompt import SYSTEM_PROMPT
@@ -189,7 +195,7 @@ class TierPool:
             tier.detail = None  # a refused probe says so here
             self._attach_probes(tier, tier.backend)
         except GatekeeperError as exc:
-            missing = "not installed" in exc.message or "not found" in exc.message
+            missing = isinstance(exc, (ModelMissingError, EngineMissingError))
             tier.state = "unavailable" if missing else "failed"
             tier.detail = exc.message
             logger.warning("tier %s %s: %s", tier.name, tier.state, exc.message)

@@ -8,9 +8,10 @@ import importlib.util
 import json
 import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 
-from service.errors import ModelStoreError
+from service.errors import ModelMissingError, ModelStoreError
 from service.settings import ModelSource, Settings, TierSettings
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,19 @@ def sha256_file(path: Path) -> str:
         while block := fh.read(_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def model_sha256(path: Path, known: str | None = None) -> str:
+    """The model file's sha256: the catalogue's (already verified) or computed once."""
+    if known:
+        return known
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -54,7 +68,7 @@ class ModelStore:
         if tier.model_path is not None:
             path = tier.model_path.expanduser()
             if not path.is_file():
-                raise ModelStoreError(f"model file not found: {path}")
+                raise ModelMissingError(f"model file not found: {path}")
             if tier.model_sha256 and sha256_file(path) != tier.model_sha256:
                 raise ModelStoreError(f"sha256 mismatch for {path}")
             return path.stem, path
@@ -71,14 +85,14 @@ class ModelStore:
             raise ModelStoreError(f"unknown model {name!r}")
         if source.path is not None:
             if not source.path.is_file():
-                raise ModelStoreError(f"model file not found: {source.path}")
+                raise ModelMissingError(f"model file not found: {source.path}")
             return self._verified(source.path, source)
         if source.package is not None:
             assert source.package_file is not None  # checked by ModelSource
             pkg = _package_dir(source.package)
             path = pkg / source.package_file if pkg else None
             if path is None or not path.is_file():
-                raise ModelStoreError(
+                raise ModelMissingError(
                     f"model {name!r} is not installed; {_install_hint(name, source)}"
                 )
             return self._verified(path, source)
@@ -116,7 +130,7 @@ class ModelStore:
                 missing.append(package)
             files.extend(found)
         if missing:
-            raise ModelStoreError(
+            raise ModelMissingError(
                 f"model {name!r} is not installed ({len(missing)} of {len(source.parts)} "
                 f"packages missing, e.g. {missing[0]}); {_install_hint(name, source)}"
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from service.errors import BackendError, BackendUnavailableError
+from service.errors import BackendError, EngineMissingError
 
 try:  # an import guard: without llguidance, llama.cpp tiers fall back to its GBNF sampler
     import llguidance
@@ -28,7 +28,7 @@ _CACHED_GRAMMARS = 64
 
 def require_guidance() -> None:
     if _GUIDANCE_ERROR is not None:
-        raise BackendUnavailableError(
+        raise EngineMissingError(
             f"llguidance is not installed ({_GUIDANCE_ERROR}); install it or set the tier's "
             "grammar_engine to 'llama_cpp'"
         )

@@ -38,8 +38,13 @@ from service.backends.guidance import (
     llama_cpp_tokenizer,
     require_guidance,
 )
-from service.errors import BackendDeadlineError, BackendError, BackendUnavailableError
-from service.probes import model_sha256
+from service.errors import (
+    BackendDeadlineError,
+    BackendError,
+    BackendUnavailableError,
+    EngineMissingError,
+)
+from service.weights import model_sha256
 
 try:  # an import guard: a missing engine must not break the other backends
     import llama_cpp
@@ -133,7 +138,7 @@ class LlamaCppBackend:
         flash_attn: bool = True,
     ) -> None:
         if _ENGINE_ERROR is not None:
-            raise BackendUnavailableError(f"llama-cpp-python is not installed: {_ENGINE_ERROR}")
+            raise EngineMissingError(f"llama-cpp-python is not installed: {_ENGINE_ERROR}")
         if grammar_engine == "llguidance":
             require_guidance()
         self._grammar_engine = grammar_engine

@@ -24,7 +24,7 @@ from service.backends.chat import (
     tokenize_slotted,
 )
 from service.backends.guidance import GrammarCompiler, TokenMask
-from service.errors import BackendError, BackendUnavailableError
+from service.errors import BackendError, BackendUnavailableError, EngineMissingError
 
 try:  # an import guard: a missing engine must not break the other backends
     import llguidance.hf
@@ -95,7 +95,7 @@ class MlxBackend:
 
     def __init__(self, model: str, *, n_ctx: int = 4096) -> None:
         if _ENGINE_ERROR is not None:
-            raise BackendUnavailableError(f"mlx-lm is not installed: {_ENGINE_ERROR}")
+            raise EngineMissingError(f"mlx-lm is not installed: {_ENGINE_ERROR}")
         self.model = model
         self._n_ctx = n_ctx
         self._model: Any = None
