@@ -5,13 +5,19 @@
 # and benchmarks.remote_load run against. Debian 12 packages no llama.cpp, and
 # `python -m llama_cpp.server` serves one request at a time, so it cannot show overlap.
 #   scripts/llama-server.sh        prints the binary's path (builds it the first time)
+#   scripts/llama-server.sh --where  prints where it is or would be, building nothing
 # The first build takes ~10 minutes on 2 cores; the binary is kept in the cache folder. Exits
 # non-zero (and says why) where there is no compiler or cmake: the tests that need it skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version=0.3.36  # the llama-cpp-python pin in pyproject.toml: the same llama.cpp as the edge tier
-cache=${GATEKEEPER_LLAMA_SERVER_CACHE:-$HOME/.cache/gatekeeper/llama-server-$version}
+source scripts/llama-flags.sh  # the same llama.cpp, compiled the same way, as the edge tier
+version=$llama_version
+cache=${GATEKEEPER_LLAMA_SERVER_CACHE:-$HOME/.cache/gatekeeper/llama-server-$version-$llama_build_key}
 binary=$cache/bin/llama-server
+if [ "${1:-}" = "--where" ]; then  # where the binary is (or would be), without building it
+  echo "$binary"
+  exit 0
+fi
 if [ -x "$binary" ]; then
   echo "$binary"
   exit 0
@@ -33,7 +39,7 @@ src=$work/llama_cpp_python-$version/vendor/llama.cpp
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >&2
+  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF $LLAMA_CMAKE_ARGS >&2
 cmake --build "$work/build" --target llama-server -j "${LLAMA_SERVER_JOBS:-$(nproc)}" >&2
 mkdir -p "$cache/bin"
 cp "$work/build/bin/llama-server" "$binary.tmp"

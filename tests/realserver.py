@@ -4,7 +4,6 @@ separate processes on loopback, for the real-model tests and the benchmarks."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -126,13 +125,14 @@ def llama_server_binary() -> Path | None:
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path)
-    script = (ROOT / "scripts" / "llama-server.sh").read_text()
-    version = re.search(r"^version=([0-9.]+)", script, re.MULTILINE)
-    assert version is not None
-    default = Path.home() / ".cache" / "gatekeeper" / f"llama-server-{version.group(1)}"
-    built = (
-        Path(os.environ.get("GATEKEEPER_LLAMA_SERVER_CACHE") or default) / "bin" / "llama-server"
+    # the script knows its cache folder (keyed by version and compile flags)
+    where = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "llama-server.sh"), "--where"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
+    built = Path(where.stdout.strip())
     return built if built.is_file() else None
 
 
