@@ -26,10 +26,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.quality import DEFAULT_DATA, sample
+from service.answers import normalised
 from service.backends.base import Constraint, GenerationRequest
 from service.evidence import PolicyLibrary
 from service.grammar import DECISIONS, RESPONSE_PREFIX
-from service.pipeline import Gatekeeper, normalised
+from service.pipeline import Gatekeeper
 from service.prompt import build_prompt
 from service.records import load_records, split
 from service.settings import load_settings

@@ -42,8 +42,8 @@ def _requests(args: argparse.Namespace) -> list[EvaluateRequest]:
 async def sanity(args: argparse.Namespace) -> None:
     from benchmarks.probes import ROOT, probe_prompt, tier_model
     from benchmarks.quality import in_process
-    from service.attempts import probe_decision
     from service.evidence import DEFAULT_PACK, PolicyLibrary
+    from service.probe_path import probe_decision
     from service.settings import load_settings
 
     stem, actions = _actions(args)

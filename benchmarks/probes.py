@@ -55,12 +55,11 @@ from service.probes import (
     ProbeSet,
     cite,
     evidence_digest,
-    model_sha256,
 )
 from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER, BuiltPrompt, build_prompt
 from service.records import Record, load_records, split
 from service.settings import Settings, load_settings
-from service.weights import ModelStore
+from service.weights import ModelStore, model_sha256
 
 if TYPE_CHECKING:
     from service.backends.llama_cpp import LlamaCppBackend

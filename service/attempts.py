@@ -16,27 +16,21 @@ from service.backends.base import (
     Finish,
     Generation,
     GenerationRequest,
-    HiddenStateReader,
-    HiddenStates,
 )
 from service.errors import (
-    BackendDeadlineError,
     BackendError,
     BackendOverloadedError,
     ReplicaLostError,
 )
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.loops import LoopDetector, LoopVerdict
-from service.probes import ProbeSet, cite
 from service.prompt import (
-    PROFILE_HEADER,
-    ROLL_CALL_HEADER,
     BuiltPrompt,
     ContextOverflowError,
     build_prompt,
 )
+from service.revision import RevisionAttempt
 from service.schemas import (
-    Decision,
     DegradedReason,
     EvaluateRequest,
     EvidenceItem,
@@ -89,6 +83,9 @@ class Outcome:
     loops: list[LoopReport] = field(default_factory=list)
     decided_by: str = "generation"
     allow_at: float | None = None  # the least P(allow) for an allow on this path (None: tier's)
+    # the revision step, when it ran in the same worker job as the decision (`revised`)
+    revision: RevisionAttempt | None = None
+    revised: bool = False
 
 
 def _report(tier: Tier, verdict: LoopVerdict, action: LoopAction) -> LoopReport:
@@ -101,7 +98,7 @@ def _report(tier: Tier, verdict: LoopVerdict, action: LoopAction) -> LoopReport:
     )
 
 
-def _build(
+def build_on_tier(
     tier: Tier,
     request: EvaluateRequest,
     evidence: list[EvidenceItem],
@@ -156,7 +153,7 @@ def run_on_tier(
     max_prompt_tokens: int | None = None,
 ) -> Outcome:
     """The decision, citations and rationale by constrained generation."""
-    built = _build(tier, request, evidence, settings, max_prompt_tokens)
+    built = build_on_tier(tier, request, evidence, settings, max_prompt_tokens)
     shape = _shape(tier, built, request)
     answer, generation, loops = generate_answer(
         tier, built, shape, choose, deadline, settings=settings, metrics=metrics
@@ -178,7 +175,7 @@ async def arun_on_tier(
 ) -> Outcome:
     """`run_on_tier` on the event loop, for a tier whose engine serves many at once (its
     token count is an estimate from characters: building the prompt costs no engine call)."""
-    built = _build(tier, request, evidence, settings, max_prompt_tokens)
+    built = build_on_tier(tier, request, evidence, settings, max_prompt_tokens)
     backend = tier.backend
     assert isinstance(backend, ConcurrentBackend)
     attempts = _Attempts(
@@ -341,188 +338,3 @@ class _Attempts:
         if self.last_failure == "loop":
             raise LoopFailure(self.loops)
         raise FailClosed(DegradedReason.INVALID_OUTPUT, self.last_error, self.loops)
-
-
-def probe_decision(probes: ProbeSet, p_unsafe: float) -> Decision:
-    if p_unsafe <= probes.allow_below:
-        return Decision.ALLOW
-    if p_unsafe >= probes.deny_above:
-        return Decision.DENY
-    return Decision.ESCALATE
-
-
-def run_probe_on_tier(
-    tier: Tier,
-    request: EvaluateRequest,
-    evidence: list[EvidenceItem],
-    deadline: float,
-    queue_s: float,
-    *,
-    settings: Settings,
-    choose: ChoicePolicy,
-    metrics: Metrics,
-    max_prompt_tokens: int | None = None,
-) -> Outcome:
-    """The decision and the cited evidence from the tier's probes after one prefill; then,
-    when the request asks for an explanation and the budget allows, the rationale (and the
-    revision, if any) by constrained generation with the decision fixed. The prompt is
-    already in the KV cache, so that generation starts decoding at once. A probe that reads
-    the action's mean decides before the roll-call: that prefill stops at its header, and
-    goes on through the roll-call only for a deny or escalate, which cite.
-
-    When the probe would allow a request whose hidden state lies outside its training data
-    (the guard), it abstains and generation decides, under `choose` and the same deadline:
-    far from its data the probe's P(unsafe) means nothing (it said 0.000 to `rm -rf` of a
-    photo folder). A deny or escalate out there stands: it can only make the answer
-    stricter, and generation would cost a decode to loosen it."""
-    backend, probes = tier.backend, tier.probes
-    assert isinstance(backend, HiddenStateReader) and probes is not None
-    built = _build(tier, request, evidence, settings, max_prompt_tokens, roll_call=True)
-    # An action-mean probe decides from a prefill that stops before the roll-call; the
-    # roll-call (a line per evidence item, ~15 tokens each) is read only when there is
-    # something to cite that the item probe does not know, so an allow, and a deny among the
-    # pack's own rules, cost no more prefill than generation's prompt.
-    split = probes.decides_before_roll_call and bool(built.marks)
-    items = probes.items_for(built.evidence)
-
-    def read(**kwargs: Any) -> HiddenStates:
-        try:
-            return backend.hidden_states(built.prompt, deadline=deadline, **kwargs)
-        except BackendDeadlineError as exc:
-            raise FailClosed(
-                DegradedReason.DEADLINE, "the prefill stopped at the deadline"
-            ) from exc
-        except BackendError as exc:
-            raise FailClosed(DegradedReason.MODEL_ERROR, exc.message) from exc
-
-    # When nothing will be generated on this prompt (no explanation asked, the pack's rules
-    # cited from the same vector), the request's own tokens need to go only as deep as the
-    # probes read: the blocks above are skipped. An abstention then prefills them again.
-    shallow = split and items is not None and not request.explain
-    states = read(
-        layers=probes.decision_layers if split else probes.layers,
-        marks=() if split else built.marks,
-        span=probes.decision_span(bool(built.marks)),
-        until=ROLL_CALL_HEADER if split else None,
-        shallow_after=PROFILE_HEADER if shallow else None,
-    )
-    prefill = Generation(
-        text="",
-        finish=Finish.STOP,
-        prompt_tokens=states.prompt_tokens,
-        cached_tokens=states.cached_tokens,
-        prefill_s=states.prefill_s,
-    )
-    at = {layer: k for k, layer in enumerate(states.layers)}
-    rows = probes.decision_rows(states)
-    score = float(probes.decision.score(rows[at[probes.decision.layer]]))
-    p_unsafe = float(probes.decision.prob(rows[at[probes.decision.layer]]))
-    decision = probe_decision(probes, p_unsafe)
-    reading = probes.guard.read(rows[at[probes.guard.layer]], score)
-    abstain = decision == Decision.ALLOW and not reading.inside
-    tier.note_probe(abstained=abstain)
-    relevance_probe = probes.relevance
-    ids = [item.id for item in built.evidence]
-    applies: tuple[Any, float] | None = None  # P(applies) per item, and the threshold
-    rolled = not split  # whether the roll-call is in the KV cache
-    if decision != Decision.ALLOW and ids:
-        if items is not None:
-            applies = items.probs(rows[at[items.layer]], built.evidence), items.threshold
-        elif relevance_probe is not None:
-            if split:  # the roll-call, from where the first prefill stopped
-                marked = read(layers=(relevance_probe.layer,), marks=built.marks)
-                roll_call = marked.marks[0]
-                prefill.prompt_tokens = marked.prompt_tokens
-                prefill.prefill_s += marked.prefill_s
-                rolled = True
-            else:
-                roll_call = states.marks[at[relevance_probe.layer]]
-            applies = relevance_probe.prob(roll_call), probes.relevance_threshold
-    if not shallow:  # a shallow prefill is faster than the generation path's: routing would
-        tier.observe(prefill)  # learn too low a cost for the requests that generate
-    metrics.tokens.labels(tier.name, "prompt").inc(prefill.prompt_tokens)
-    if abstain:
-        metrics.probe_abstentions.labels(tier.name).inc()
-        logger.info(
-            "probe on %s abstains (distance %.1f, residual %.1f, score %.1f): generation decides",
-            tier.name,
-            reading.distance,
-            reading.residual,
-            score,
-        )
-        return run_on_tier(
-            tier,
-            request,
-            evidence,
-            deadline,
-            queue_s,
-            settings=settings,
-            choose=choose,
-            metrics=metrics,
-            max_prompt_tokens=max_prompt_tokens,
-        )
-    cited = [] if applies is None else cite(applies[0], ids, applies[1], tier.settings.max_cited)
-    prefill.choice_probs = {Decision.ALLOW.value: 1.0 - p_unsafe, Decision.DENY.value: p_unsafe}
-    answer = ModelAnswer(
-        decision=decision,
-        evidence=cited,
-        rationale=(
-            f"Probe on layer {probes.decision.layer}: P(unsafe) = {p_unsafe:.2f}"
-            + (f"; applicable: {', '.join(cited)}" if cited else "")
-            + ("" if reading.inside else "; the request is unlike the probe's training data")
-            + "."
-        ),
-    )
-    outcome = Outcome(
-        tier, answer, built, prefill, queue_s, decided_by="probe", allow_at=1 - probes.allow_below
-    )
-    limits = tier.settings
-    rationale_tokens = limits.rationale_chars // 3 + 16
-    if (
-        not request.explain
-        or time.monotonic()
-        + tier.latency.predict(0, rationale_tokens, quantile=settings.latency_quantile)
-        >= deadline
-    ):
-        return outcome
-    shape = AnswerShape(
-        evidence_ids=(),  # the probe cites; generation explains
-        history_ids=built.history_ids,
-        max_cited=limits.max_cited,
-        rationale_chars=limits.rationale_chars,
-        revision_chars=limits.revision_chars,
-    )
-    try:
-        explained, generation, loops = generate_answer(
-            tier,
-            # an allow read before the roll-call is explained without it: it is not in the
-            # KV cache, and the rationale does not need it
-            built if rolled else built.without_roll_call(),
-            shape,
-            lambda _probs: decision.value,
-            deadline,
-            settings=settings,
-            metrics=metrics,
-        )
-    except LoopFailure as failure:  # the decision stands; only its explanation failed
-        outcome.loops = failure.loops
-        return outcome
-    except FailClosed as fault:
-        outcome.loops = fault.loops
-        logger.info("no rationale after the probe on %s: %s", tier.name, fault.detail)
-        return outcome
-    outcome.answer = answer.model_copy(
-        update={"history": explained.history, "rationale": explained.rationale}
-    )
-    outcome.generation = Generation(
-        text=generation.text,
-        finish=generation.finish,
-        prompt_tokens=prefill.prompt_tokens,
-        cached_tokens=prefill.cached_tokens,
-        completion_tokens=generation.completion_tokens,
-        prefill_s=prefill.prefill_s + generation.prefill_s,
-        decode_s=generation.decode_s,
-        choice_probs=prefill.choice_probs,
-    )
-    outcome.loops = loops
-    return outcome

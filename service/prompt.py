@@ -187,6 +187,31 @@ def render_action(request: EvaluateRequest) -> str:
     return f"tool: {_quote(action.tool, 256)}\narguments: {_quote(args, len(args))}"
 
 
+# Conservative: English text runs ~4 characters per token in these tokenizers.
+CHARS_PER_TOKEN = 3.2
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in this many characters, estimated (routing must not tokenise on the event
+    loop): the one estimator behind every "will it fit?"."""
+    return int(chars / CHARS_PER_TOKEN)
+
+
+def estimate_prompt_tokens(
+    request: EvaluateRequest, evidence: list[EvidenceItem], max_turn_chars: int
+) -> tuple[int, int]:
+    """(whole prompt, smallest prompt) in tokens, as `build_prompt` would lay them out: the
+    smallest keeps only what is never cut (the preamble, the goal and the action)."""
+    fixed = PREAMBLE_CHARS + len(request.goal) + len(render_action(request)) + 200
+    turns = sum(
+        min(max_turn_chars, len(t.content) + len(t.thought or "") + len(t.action or ""))
+        for t in request.history
+    )
+    ev = sum(len(e.model_dump_json()) for e in evidence)
+    whole = fixed + min(len(request.agent.profile), max_turn_chars) + turns + ev
+    return estimate_tokens(whole), estimate_tokens(fixed)
+
+
 @dataclass(frozen=True)
 class BuiltPrompt:
     prompt: Prompt

@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
 
 from service.attempts import FailClosed, LoopFailure, Outcome
 from service.backends.base import Finish, Generation, GenerationRequest, Prompt
 from service.errors import BackendError
 from service.injection import scan
 from service.loops import LoopDetector
+from service.prompt import estimate_tokens
 from service.revision import (
     InvalidRevisionError,
+    RevisionAttempt,
+    RevisionOutcome,
     RevisionPlan,
     parse_revision,
     plan_revision,
@@ -31,7 +32,6 @@ from service.schemas import (
     DegradedReason,
     EvaluateRequest,
     LoopReport,
-    ProposedAction,
 )
 from service.settings import Settings
 from service.telemetry import Metrics
@@ -43,46 +43,7 @@ logger = logging.getLogger(__name__)
 # The judge's read of the revised action answers with the decision alone: at most this many
 # tokens when generation decides (none when a probe does).
 _READ_TOKENS = 8
-_CHARS_PER_TOKEN = 3.2
 RESERVE_S = 0.02  # kept back for the response itself
-
-
-class RevisionOutcome(StrEnum):
-    """What became of one revision attempt (the `outcome` label of the metric)."""
-
-    ALLOWED = "allowed"  # offered: the judge allows it
-    REJECTED = "rejected"  # the judge would not allow it
-    UNCHANGED = "unchanged"  # the model gave the action back as it was
-    NO_BUDGET = "no_budget"  # the budget left could not hold a generation and a read
-    TRIPWIRE = "tripwire"  # judge-directed text in the request, or in the revision itself
-    LOOP = "loop"  # the loop detector stopped the generation, or the judge's read
-    INVALID = "invalid"  # the output broke the revision's shape
-    FAULT = "fault"  # an engine error or our own bug
-
-
-@dataclass
-class RevisionAttempt:
-    outcome: RevisionOutcome
-    action: ProposedAction | None = None  # the generated revision, offered or not
-    verdict: Decision | None = None  # the judge's decision on it
-    confidence: float | None = None  # the judge's confidence in that decision
-    seconds: float = 0.0  # the step's time on the worker: generation and read
-    generate_s: float = 0.0  # of which the generation (its prefill and decode)
-    evaluated_tokens: int = 0  # prompt tokens the generation evaluated (not in the KV cache)
-    completion_tokens: int = 0
-    text: str = ""  # what the generation wrote after the revision's opening
-    detail: str = ""
-    loops: list[LoopReport] = field(default_factory=list)
-    generated: bool = False  # the generation began (the step got past the budget check)
-
-    @property
-    def offered(self) -> bool:
-        return self.outcome == RevisionOutcome.ALLOWED
-
-    @property
-    def rejected(self) -> bool:
-        """A revision was tried and is not offered (the response's `revision_rejected`)."""
-        return self.generated and not self.offered
 
 
 # The judge: the decision (after the tier's allow threshold) and its confidence for a
@@ -126,9 +87,9 @@ def revise_on_tier(
         tail = sum(len(m.content) for m in prompt.messages[len(judged.messages) :])
         q = settings.latency_quantile
         needed = tier.latency.seconds_for(
-            int(tail / _CHARS_PER_TOKEN), max_tokens, quantile=q
+            estimate_tokens(tail), max_tokens, quantile=q
         ) + tier.latency.seconds_for(
-            int(plan.max_chars / _CHARS_PER_TOKEN) + 16,
+            estimate_tokens(plan.max_chars) + 16,
             0 if tier.probes is not None else _READ_TOKENS,
             quantile=q,
         )

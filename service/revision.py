@@ -14,12 +14,20 @@ instead of evaluating the request again."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from service.backends.base import ChatMessage, Constraint, Prompt
 from service.prompt import render_evidence
-from service.schemas import Decision, EvidenceItem, ProposedAction, TextAction, ToolAction
+from service.schemas import (
+    Decision,
+    EvidenceItem,
+    LoopReport,
+    ProposedAction,
+    TextAction,
+    ToolAction,
+)
 
 # A string value of a revision may grow a little (a `--dry-run`, a confirmation step) but
 # not become an essay; the tier's revision_chars caps it.
@@ -263,3 +271,41 @@ def revision_prompt(
         ),
         response_prefix=plan.prefix,
     )
+
+
+class RevisionOutcome(StrEnum):
+    """What became of one revision attempt (the `outcome` label of the metric)."""
+
+    ALLOWED = "allowed"  # offered: the judge allows it
+    REJECTED = "rejected"  # the judge would not allow it
+    UNCHANGED = "unchanged"  # the model gave the action back as it was
+    NO_BUDGET = "no_budget"  # the budget left could not hold a generation and a read
+    TRIPWIRE = "tripwire"  # judge-directed text in the request, or in the revision itself
+    LOOP = "loop"  # the loop detector stopped the generation, or the judge's read
+    INVALID = "invalid"  # the output broke the revision's shape
+    FAULT = "fault"  # an engine error or our own bug
+
+
+@dataclass
+class RevisionAttempt:
+    outcome: RevisionOutcome
+    action: ProposedAction | None = None  # the generated revision, offered or not
+    verdict: Decision | None = None  # the judge's decision on it
+    confidence: float | None = None  # the judge's confidence in that decision
+    seconds: float = 0.0  # the step's time on the worker: generation and read
+    generate_s: float = 0.0  # of which the generation (its prefill and decode)
+    evaluated_tokens: int = 0  # prompt tokens the generation evaluated (not in the KV cache)
+    completion_tokens: int = 0
+    text: str = ""  # what the generation wrote after the revision's opening
+    detail: str = ""
+    loops: list[LoopReport] = field(default_factory=list)
+    generated: bool = False  # the generation began (the step got past the budget check)
+
+    @property
+    def offered(self) -> bool:
+        return self.outcome == RevisionOutcome.ALLOWED
+
+    @property
+    def rejected(self) -> bool:
+        """A revision was tried and is not offered (the response's `revision_rejected`)."""
+        return self.generated and not self.offered

@@ -5,8 +5,6 @@ logged (with its request id, without request content unless redaction is off).""
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 
 from service.audit import DecisionLog, DecisionRecord
 from service.drain import Drain
@@ -27,19 +25,15 @@ class DecisionService:
         self.redact = redact
 
     async def evaluate(self, request: EvaluateRequest, api_key_id: str | None) -> EvaluateResponse:
-        start = time.monotonic()
-        self.gatekeeper.validate(request)  # client errors first, before any work
-        if request.request_id is None:
-            request = request.model_copy(update={"request_id": uuid.uuid4().hex})
-        assert request.request_id is not None
-        with request_context(request.request_id):
+        admission = self.gatekeeper.admit(request)  # client errors first, before any work
+        request = admission.request
+        with request_context(admission.request_id):
             response = await self.drain.run(
-                self.gatekeeper.evaluate(request),
+                self.gatekeeper.decide(admission),
                 lambda: self.gatekeeper.refuse(
-                    request,
+                    admission,
                     DegradedReason.SHUTTING_DOWN,
                     f"the server is shutting down and its {self.drain.grace_s:g} s grace ran out",
-                    start=start,
                 ),
             )
             if self.log is not None:
@@ -48,15 +42,8 @@ class DecisionService:
                 await self.log.append(
                     DecisionRecord.of(request, response, api_key_id, redact=self.redact)
                 )
-            self._observe(request, response)
             self._log(request, response, api_key_id)
         return response
-
-    def _observe(self, request: EvaluateRequest, response: EvaluateResponse) -> None:
-        budget_ms = request.latency_budget_ms or self.gatekeeper.settings.default_latency_budget_ms
-        self.gatekeeper.metrics.budget_used.labels(response.tier or "").observe(
-            response.timing.total_ms / budget_ms
-        )
 
     def _log(
         self, request: EvaluateRequest, response: EvaluateResponse, api_key_id: str | None

@@ -346,6 +346,13 @@ class Settings(BaseSettings):
             raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
         return self
 
+    def allow_threshold_of(self, tier: str) -> float:
+        """The tier's own allow threshold, else the global one (attached tiers have none)."""
+        own = self.tiers.get(tier)
+        if own is not None and own.allow_threshold is not None:
+            return own.allow_threshold
+        return self.allow_threshold
+
     def ordered_tiers(self) -> list[str]:
         """Tier names, weakest first; unknown names go after the standard three."""
         known = [t for t in TIER_ORDER if t in self.tiers]

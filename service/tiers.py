@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.probes import ProbeMismatchError, ProbeSet
-from service.prompt import SYSTEM_PROMPT
+from service.prompt import SYSTEM_PROMPT, estimate_tokens
 from service.routing import LatencyModel
 from service.schemas import TierStatus
 from service.settings import Settings, TierSettings
@@ -127,6 +127,52 @@ class Tier:
             return False
         alone = 1.0 - sum(self.probe_abstained) / len(self.probe_abstained)
         return alone >= quantile
+
+    def output_tokens(self, *, explain: bool, quantile: float, rationale_only: bool = False) -> int:
+        """The most tokens an answer on this tier can take, from the bounds its grammar puts
+        on it: decision, ids and rationale; the rationale alone (`rationale_only`: after a
+        probe decided, with the decision fixed). A probe that decides alone often enough (see
+        `probe_decides_alone`) answers after the prefill: routing counts no output for it,
+        its rationale being generated only if time is left."""
+        limits = self.settings
+        rationale = estimate_tokens(limits.rationale_chars)
+        if rationale_only:
+            tokens = rationale + 16
+        elif self.probe_decides_alone(quantile):
+            tokens = 0
+        else:
+            tokens = rationale + 48 if explain else 8
+        return min(limits.max_tokens, tokens)
+
+    def predict(
+        self,
+        prompt_tokens: int,
+        *,
+        explain: bool,
+        quantile: float,
+        rationale_only: bool = False,
+        queued: bool = True,
+    ) -> float:
+        """Seconds to answer a request of `prompt_tokens` here, at the quantile of slowness:
+        the queue wait before it (`queued`: it has not reached the worker yet), then the
+        prefill and the output. Routing, escalation and the probe's "does a rationale fit"
+        all ask this one question."""
+        return self.latency.predict(
+            prompt_tokens,
+            self.output_tokens(explain=explain, quantile=quantile, rationale_only=rationale_only),
+            self.queue_s() if queued else 0.0,
+            quantile=quantile,
+            concurrency=self.next_concurrency(),
+        )
+
+    def prompt_tokens_within(self, seconds: float, *, explain: bool, quantile: float) -> int:
+        """The largest prompt that this tier would answer within `seconds`, queue included."""
+        return self.latency.prompt_tokens_within(
+            seconds - self.queue_s(),
+            self.output_tokens(explain=explain, quantile=quantile),
+            quantile=quantile,
+            concurrency=self.next_concurrency(),
+        )
 
     async def run(self, fn: Callable[[float], T], deadline: float) -> T:
         """Run `fn(queue_wait_s)` on the tier's worker; give up waiting at `deadline`."""

@@ -121,10 +121,9 @@ def _queue_depth(url: str) -> float:
 def test_sigterm_drains_answers_everything_flushes_the_log_and_exits_0(tmp_path: Path) -> None:
     log = tmp_path / "decisions.db"
     grace_s = 5.0
-    # Revision off: a revision is a second job on the tier's worker and queues behind every
-    # request already admitted, so under this load the request in flight at SIGTERM would
-    # wait out the grace for its revision (known, issue #21's note; this test is the drain's)
-    env = _env(log, GATEKEEPER_SHUTDOWN_GRACE_S=str(grace_s), GATEKEEPER_TIERS__EDGE__REVISE="false")
+    # revision on, as shipped: it runs in the decision's own worker job, so the request in
+    # flight at SIGTERM never waits behind the queue for its revision
+    env = _env(log, GATEKEEPER_SHUTDOWN_GRACE_S=str(grace_s))
     with gatekeeper_server(env) as (url, proc):
         # a cold request fills the prompt cache; a warm one measures a request's time, so
         # that enough requests queue up to outlast the grace on a fast machine or a slow one.
