@@ -26,12 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.quality import DEFAULT_DATA, sample
+from benchmarks.records import load_records, split
 from service.backends.base import Constraint, GenerationRequest
 from service.evidence import PolicyLibrary
 from service.grammar import DECISIONS, RESPONSE_PREFIX
 from service.pipeline import Gatekeeper, normalised
 from service.prompt import build_prompt
-from service.records import load_records, split
 from service.settings import load_settings
 from service.telemetry import Metrics
 from service.tiers import TierPool

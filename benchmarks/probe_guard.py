@@ -132,9 +132,9 @@ def guard(args: argparse.Namespace) -> None:
     """Fit the guard on the tuning part's decision-layer features and write it into the
     tier's probe file (a format-1 file is upgraded; its probes are kept as they are)."""
     from benchmarks.probes import ROOT, load_features, profile_groups, tier_model
+    from benchmarks.records import load_records, split
     from service.evidence import DEFAULT_PACK, PolicyLibrary
     from service.probes import PROBE_FORMAT
-    from service.records import load_records, split
     from service.settings import load_settings
 
     name, _, sha = tier_model(load_settings(), args.tier)
@@ -215,8 +215,8 @@ def guard_report(args: argparse.Namespace) -> None:
     answers, and overall accuracy when its abstentions go to generation (generation's
     decisions from a `benchmarks.quality --paths generation --ids` run on the same records)."""
     from benchmarks.probes import ROOT, decision_rows, load_features, tier_model
+    from benchmarks.records import load_records, split
     from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.records import load_records, split
     from service.settings import load_settings
 
     name, _, sha = tier_model(load_settings(), args.tier)
@@ -286,8 +286,8 @@ def ids(args: argparse.Namespace) -> None:
     """The ids of the reporting part's records with cached features, one a line (for
     `benchmarks.quality --ids`)."""
     from benchmarks.probes import load_features, tier_model
+    from benchmarks.records import load_records, split
     from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.records import load_records, split
     from service.settings import load_settings
 
     _, _, sha = tier_model(load_settings(), args.tier)

@@ -36,9 +36,9 @@ from benchmarks.probes import (
     tier_model,
 )
 from benchmarks.quality import DEFAULT_DATA
+from benchmarks.records import Record, load_records
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER
-from service.records import Record, load_records
 from service.settings import load_settings
 
 TRAIN = ("probe-actions-train-a", "probe-actions-train-b")

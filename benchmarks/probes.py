@@ -46,6 +46,7 @@ from benchmarks import probe_guard, probe_sanity
 from benchmarks.action_sets import named_set, set_label
 from benchmarks.probe_guard import fit_guard_cv
 from benchmarks.quality import DEFAULT_DATA, gold_ids
+from benchmarks.records import Record, load_records, split
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
 from service.grammar import DECISIONS
 from service.probes import (
@@ -58,7 +59,6 @@ from service.probes import (
     model_sha256,
 )
 from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER, BuiltPrompt, build_prompt
-from service.records import Record, load_records, split
 from service.settings import Settings, load_settings
 from service.weights import ModelStore
 
