@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.probes import FEATURES, probe_prompt, reading_backend, tier_model
+from benchmarks.probes.features import FEATURES, probe_prompt, reading_backend, tier_model
 from benchmarks.records import Record
 from benchmarks.sources import HELD_OUT_SETS, TRAINING_SOURCES, Source, judge_text, load_source
 from service.evidence import DEFAULT_PACK, PolicyLibrary
