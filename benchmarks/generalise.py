@@ -211,7 +211,8 @@ def weights(data: Data) -> np.ndarray:
             m = (data.source == s) & (data.y == label)
             if m.any():
                 w[m] = 1.0 / m.sum()
-    return w * len(w) / w.sum()
+    weighed: np.ndarray = w * len(w) / w.sum()
+    return weighed
 
 
 Fit = Callable[[Data], Callable[[Data], np.ndarray]]
@@ -352,7 +353,8 @@ def vector_reader(key: str, c: float) -> Fit:
 
 
 def _sig(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+    p: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+    return p
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -192,7 +192,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     )
     print(head)
     for name, s in results.items():
-        lat = next(iter(s["latency"].values()), {})
+        lat: dict[str, float] = next(iter(s["latency"].values()), {})
         ev = s["evidence"]
         print(
             f"{name:<22}{s['n']:>4}{_fmt(s['accuracy']):>7}{_fmt(s['precision']):>7}"
