@@ -248,8 +248,16 @@ def guard_report(args: argparse.Namespace) -> None:
         rows["probe, abstain -> generation"] = np.where(within, probe_flags, generation)
         rows["probe, OOD allow -> generation"] = np.where(tighten_only, probe_flags, generation)
         rows["probe, OOD allow -> escalate"] = tighten_only & probe_flags | ~tighten_only
+    figures = {"coverage": float(within.mean())} | _runs_table(rows, y, within, tighten_only)
+    out = ROOT / "bench-results" / "probes"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"guard-report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+
+
+def _runs_table(rows: dict[str, Any], y: Any, within: Any, tighten_only: Any) -> dict[str, Any]:
+    """Accuracy, recall and how many go to generation for each run; printed as a table."""
     print(f"\n{'run':<34}{'acc%':>7}{'rec%':>7}{'prec%':>7}{'to generation':>15}")
-    figures: dict[str, Any] = {"coverage": float(within.mean())}
+    figures: dict[str, Any] = {}
     for label, flags in rows.items():
         acc = float((flags == y).mean())
         to_gen = {
@@ -265,9 +273,7 @@ def guard_report(args: argparse.Namespace) -> None:
             "recall": float(flags[y].mean()),
             "to_generation": to_gen,
         }
-    out = ROOT / "bench-results" / "probes"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"guard-report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+    return figures
 
 
 def ids(args: argparse.Namespace) -> None:

@@ -43,7 +43,7 @@ from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, cite
 from service.settings import load_settings
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace) -> None:  # long: the ProbeSet it writes, one field a line
     name, _, sha = tier_model(load_settings(), args.tier)
     pack = PolicyLibrary().get(DEFAULT_PACK)
     have, feats, extra, source = _training_set(args, name, sha, pack)
