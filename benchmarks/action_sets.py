@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.records import Record
 from benchmarks.sanity_actions import SANITY, SANITY_FRESH
-from service.records import Record
 from service.schemas import EvaluateRequest
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -25,13 +25,14 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.core.failures import AcceptedNegativeData, FailureGroup
+from schemathesis.core.result import Err
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.openapi.checks import RejectedPositiveData
 
 from service.app import create_app
 from service.backends.fake import FakeBackend, Script
 from service.evidence import DEFAULT_PACK
-from service.settings import Settings, TierSettings
+from service.settings import AuditSettings, AuthSettings, Settings, TierSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI = ROOT / "openapi.yaml"
@@ -64,8 +65,8 @@ def fuzz_app() -> FastAPI:
         default_tier="edge",
         log_format="text",
         warmup=False,
-        audit={"enabled": False},
-        auth={"api_keys": {"fuzz": _sha(API_KEY)}, "metrics_key_sha256": _sha(METRICS_KEY)},
+        audit=AuditSettings(enabled=False),
+        auth=AuthSettings(api_keys={"fuzz": _sha(API_KEY)}, metrics_key_sha256=_sha(METRICS_KEY)),
     )
     backends = {
         name: FakeBackend(f"{name}-model", scripts=list(_ANSWERS) * 100_000)
@@ -133,6 +134,8 @@ def run_fuzz(
     schema.app = fuzz_app()
     report = FuzzReport()
     for result in schema.get_all_operations():
+        if isinstance(result, Err):  # openapi.yaml describes an operation it cannot parse
+            raise result.err()
         operation = result.ok()
         for mode in modes:
             strategy = operation.as_strategy(generation_mode=mode)

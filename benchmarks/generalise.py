@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.probes import FEATURES, probe_prompt, reading_backend, tier_model
+from benchmarks.probes.features import FEATURES, probe_prompt, reading_backend, tier_model
+from benchmarks.records import Record
 from benchmarks.sources import HELD_OUT_SETS, TRAINING_SOURCES, Source, judge_text, load_source
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.probes import PROBE_PROMPT_VERSION
 from service.prompt import ACTION_SPAN, PROFILE_HEADER, ROLL_CALL_HEADER
-from service.records import Record
 from service.schemas import EvaluateRequest, TextAction
 from service.settings import load_settings
 
@@ -211,7 +211,8 @@ def weights(data: Data) -> np.ndarray:
             m = (data.source == s) & (data.y == label)
             if m.any():
                 w[m] = 1.0 / m.sum()
-    return w * len(w) / w.sum()
+    weighed: np.ndarray = w * len(w) / w.sum()
+    return weighed
 
 
 Fit = Callable[[Data], Callable[[Data], np.ndarray]]
@@ -352,7 +353,8 @@ def vector_reader(key: str, c: float) -> Fit:
 
 
 def _sig(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+    p: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+    return p
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality import DEFAULT_DATA, ROOT, run_gatekeeper, sample
+from benchmarks.records import Record, load_records, split
 from benchmarks.scoring import Case
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.injection import scan, signals_in
-from service.records import Record, load_records, split
 from service.schemas import (
     MAX_TEXT,
     MAX_TURNS,

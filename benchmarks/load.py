@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from service.records import load_records, split
+from benchmarks.records import load_records, split
 from tests.realserver import gatekeeper_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import loop_families
+from benchmarks.records import load_records, split
 from service.evidence import PolicyLibrary
 from service.grammar import RESPONSE_PREFIX
 from service.loops import LoopDetector, LoopSettings
 from service.pipeline import Gatekeeper
-from service.records import load_records, split
 from service.settings import TierSettings, load_settings
 from service.telemetry import Metrics
 from service.tiers import TierPool

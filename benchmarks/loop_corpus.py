@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.records import load_records, split
 from service.backends.base import ChatMessage, Constraint, GenerationRequest, Prompt
 from service.backends.llama_cpp import LlamaCppBackend
 from service.evidence import PolicyLibrary
 from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.prompt import build_prompt
-from service.records import load_records, split
 from service.settings import load_settings
 from service.weights import ModelStore
 

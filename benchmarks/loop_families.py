@@ -189,6 +189,10 @@ def _escape(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
+def _plain(text: str) -> str:
+    return text
+
+
 def _build(
     family: str, before: str, units: Iterator[str], json_answer: bool, bound: int = BOUND
 ) -> Loop:
@@ -198,7 +202,7 @@ def _build(
         wrap = _escape
     else:
         head = before + "\n"
-        wrap = str
+        wrap = _plain
     text = head
     second_end = 0
     for k, unit in enumerate(units):

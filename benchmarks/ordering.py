@@ -26,13 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.quality import DEFAULT_DATA, sample
+from benchmarks.records import load_records, split
 from service.answers import normalised
 from service.backends.base import Constraint, GenerationRequest
 from service.evidence import PolicyLibrary
 from service.grammar import DECISIONS, RESPONSE_PREFIX
 from service.pipeline import Gatekeeper
 from service.prompt import build_prompt
-from service.records import load_records, split
 from service.settings import load_settings
 from service.telemetry import Metrics
 from service.tiers import TierPool
@@ -75,7 +75,7 @@ async def main() -> None:
     gatekeeper = Gatekeeper(settings, pool, PolicyLibrary(), metrics)
     arms = orders(tier.settings.rationale_chars)
     right = dict.fromkeys(arms, 0)
-    threshold = gatekeeper._threshold(args.tier)
+    threshold = gatekeeper.settings.allow_threshold_of(args.tier)
     at_threshold = 0
     before = dict.fromkeys(arms, 0)  # tokens generated before the decision is known
     print(f"tier {args.tier} ({tier.model}), {len(records)} tuning records")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class PlainJudge:
                 max_tokens=6,
                 temperature=0.0,
             )
+            assert not isinstance(out, Iterator)  # stream=False: one response, not chunks
             text = out["choices"][0]["message"]["content"] or ""
         except ValueError as exc:  # the prompt does not fit the context
             text = f"error: {exc}"

@@ -9,13 +9,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from benchmarks.scoring import Case, calibration
 
 DECISIONS = ["allow", "deny", "revise", "escalate", "invalid"]
 
 
-def _save(fig: plt.Figure, ax: plt.Axes, path: Path, xlabel: str, ylabel: str) -> None:
+def _save(fig: Figure, ax: Axes, path: Path, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
@@ -24,7 +26,7 @@ def _save(fig: plt.Figure, ax: plt.Axes, path: Path, xlabel: str, ylabel: str) -
     plt.close(fig)
 
 
-def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
+def _grid(n: int) -> tuple[Figure, list[Axes]]:
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
     return fig, list(axes[0])
 

@@ -3,7 +3,7 @@ pipeline the server runs, side by side with a plain single prompt to the same mo
 
     .venv/bin/python -m benchmarks.quality --part report --limit 60 --tiers edge,mid --plain
 
-Each record becomes an /evaluate request (service.records). Runs go in-process (the
+Each record becomes an /evaluate request (benchmarks.records). Runs go in-process (the
 pipeline object the server uses) or against a running server (--url). It prints accuracy,
 precision / recall / F1 on unsafe, escalate, valid-output, loop and fail-closed rates, AUC and
 calibration error of the confidence, evidence precision / recall / F1 against the pack rules
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from benchmarks import plots
+from benchmarks.records import Record, load_records, split
 from benchmarks.scoring import Case, summary, threshold_sweep
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
-from service.records import Record, load_records, split
 from service.schemas import EvaluateResponse
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     )
     print(head)
     for name, s in results.items():
-        lat = next(iter(s["latency"].values()), {})
+        lat: dict[str, float] = next(iter(s["latency"].values()), {})
         ev = s["evidence"]
         print(
             f"{name:<22}{s['n']:>4}{_fmt(s['accuracy']):>7}{_fmt(s['precision']):>7}"

@@ -16,7 +16,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -110,7 +110,9 @@ def measure(url: str, args: argparse.Namespace, record: list[str] | None = None)
             record = None
             through_backend(backend, args.max_tokens)
         for i in range(args.requests):
-            runs = [("direct", lambda: direct(client, body))]
+            runs: list[tuple[str, Callable[[], tuple[float, int]]]] = [
+                ("direct", lambda: direct(client, body))
+            ]
             runs.append(("backend", lambda: through_backend(backend, args.max_tokens)))
             for name, run in runs if i % 2 == 0 else runs[::-1]:
                 seconds, count = run()

@@ -113,6 +113,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     parts.append(memory)
                     await asyncio.sleep(args.sample_s)
 
+            def finished(task: asyncio.Task[dict[str, Any]]) -> None:
+                tasks.discard(task)
+                results.append(task.result())
+
             sampler = asyncio.create_task(sample())
             i = 0
             while time.monotonic() < end:
@@ -120,7 +124,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 i += 1
                 task = asyncio.create_task(send(client, body, args.budget_ms, t0))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), results.append(t.result())))
+                task.add_done_callback(finished)
                 await asyncio.sleep(rng.expovariate(target))
             await asyncio.gather(*tasks)
             await sampler

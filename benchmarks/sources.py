@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.action_sets import DATA, load_action_set, named_set
-from service.records import Record, load_records
+from benchmarks.records import Record, load_records
 from service.schemas import EvaluateRequest, TextAction
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -35,10 +35,10 @@ import httpx
 from benchmarks.overhead import RawTimer, sample_requests, spied_pipeline
 from benchmarks.plain import render
 from benchmarks.quality import DEFAULT_DATA, sample
+from benchmarks.records import Record, load_records, split
 from service.backends.base import GenerationRequest
 from service.backends.llama_cpp import LlamaCppBackend
 from service.errors import GatekeeperError
-from service.records import Record, load_records, split
 from service.schemas import EvaluateRequest
 from service.settings import Settings, load_settings
 from service.weights import ModelStore

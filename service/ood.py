@@ -5,7 +5,7 @@ The features are standardised as the probe's were, projected on the training set
 principal components, and scored two ways, both inspectable and both cheap (a k x d product):
 the Mahalanobis distance inside the k-dimensional subspace (Ledoit-Wolf covariance) and the
 norm of what the subspace leaves out (the residual, in standard units); both thresholds are
-quantiles of the training set's out-of-fold distances (benchmarks/probe_guard.py prints them).
+quantiles of the training set's out-of-fold distances (benchmarks/probes/guard.py prints them).
 A third reading is the probe's own raw score: it must lie within the range the probe gave its
 training records. The decision direction carries little of the states' variance, so a state
 can sit among the training states on every principal axis and still lie far beyond them

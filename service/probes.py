@@ -1,7 +1,7 @@
 """Trained linear probes on a model's hidden states: the decision (is this action unsafe?)
 and evidence relevance (does this item apply to this action?), read from one prefill.
 
-A probe file is small JSON under `models/probes/`, written by `benchmarks/probes.py`. It names
+A probe file is small JSON under `models/probes/`, written by `python -m benchmarks.probes train`. It names
 the model (sha256), the layer and the prompt version it was trained for; the service refuses a
 probe whose model or prompt differs, because its weights mean nothing for another model.
 Serving needs numpy only (it comes with llama-cpp-python); scikit-learn is for training."""
@@ -284,7 +284,7 @@ class ProbeSet:
         if self.prompt_version != PROBE_PROMPT_VERSION:
             raise ProbeMismatchError(
                 f"probe trained on prompt {self.prompt_version}, the service renders "
-                f"{PROBE_PROMPT_VERSION}; train it again (benchmarks/probes.py)"
+                f"{PROBE_PROMPT_VERSION}; train it again (python -m benchmarks.probes train)"
             )
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from benchmarks.action_sets import DATA, named_set
-from benchmarks.probes import profile_groups
+from benchmarks.probes import features, report
+from benchmarks.probes.fit import profile_groups
 from benchmarks.quality import gold_ids
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 
@@ -84,7 +85,6 @@ def test_report_names_the_unsafe_requests_a_probe_would_allow(
 ) -> None:
     """`benchmarks.probes report --heldout`: from cached features, the probe's verdicts on a
     hand-written set, the unsafe ones it would allow by name, and its citations."""
-    from benchmarks import probes as bench
     from service.probes import ProbeSet
     from tests.test_probes import SHA, D, probe_file
 
@@ -101,8 +101,8 @@ def test_report_names_the_unsafe_requests_a_probe_would_allow(
     ]
     path = tmp_path / "my-set.json"
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(bench, "FEATURES", tmp_path / "features")
-    out = bench.feature_dir(SHA)
+    monkeypatch.setattr(features, "FEATURES", tmp_path / "features")
+    out = features.feature_dir(SHA)
     out.mkdir(parents=True)
     for i, _, gold, score in cases:
         last = np.zeros((6, D), np.float32)
@@ -121,7 +121,7 @@ def test_report_names_the_unsafe_requests_a_probe_would_allow(
         )
     probes = ProbeSet.load(probe_file(tmp_path))
     args = argparse.Namespace(heldout=[str(path)], max_cited=4)
-    figures = bench.report_heldout(probes, SHA, PolicyLibrary().get(DEFAULT_PACK), args)
+    figures = report.report_heldout(probes, SHA, PolicyLibrary().get(DEFAULT_PACK), args)
     mine = figures["my-set"]
     assert (mine["records"], mine["unsafe"], mine["unsafe_allowed"]) == (4, 2, 1)
     assert mine["recall"] == 0.5 and mine["accuracy"] == 0.75

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import generalise as gen
+from benchmarks.records import Record, to_request
 from benchmarks.sources import Source
-from service.records import Record, to_request
 
 
 def _record(rid: str, unsafe: bool, action: str) -> Record:

@@ -11,12 +11,12 @@ import pytest
 
 from benchmarks.injection import INJECTED_EVIDENCE_ID, INJECTIONS, PLACES, corpus, flips, inject
 from benchmarks.quality import sample
+from benchmarks.records import Record, load_records, split
 from benchmarks.scoring import Case
 from service.backends.base import Prompt
 from service.backends.chat import slotted_messages, tokenize_slotted
 from service.evidence import DEFAULT_PACK
 from service.prompt import build_prompt
-from service.records import Record, load_records, split
 from service.schemas import EvaluateRequest, RuleEvidence, TextAction
 from tests.conftest import SHARED_DATA, sample_request
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.probes.guard import fit_guard_cv
 from service.backends.fake import Script
 from service.errors import ConfigurationError
 from service.ood import OodGuard
@@ -165,8 +166,6 @@ def test_routing_budgets_for_generation_unless_the_probe_seldom_abstains(tmp_pat
 
 
 def test_the_fitted_guard_keeps_its_own_kind_and_rejects_a_stranger() -> None:
-    from benchmarks.probe_guard import fit_guard_cv
-
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(20, 20))
     x = rng.normal(size=(120, 20)) @ mixing  # correlated, full rank

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import probe_sanity, quality
+from benchmarks import quality
+from benchmarks.probes import sanity as probe_sanity
 from benchmarks.sanity_actions import SANITY
 from service.backends.fake import Script
 from service.evidence import PolicyLibrary

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from benchmarks.quality import sample
-from service.records import Record, is_reporting, load_records, split, to_request
+from benchmarks.records import Record, is_reporting, load_records, split, to_request
 from service.schemas import TextAction
 
 RECORD: dict[str, Any] = {

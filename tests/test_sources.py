@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.records import Record, to_request
 from benchmarks.sources import (
     HELD_OUT_SETS,
     TRAIN_DATA,
@@ -13,7 +14,6 @@ from benchmarks.sources import (
     clean_toolemu,
     load_source,
 )
-from service.records import Record, to_request
 
 needs_data = pytest.mark.skipif(
     not TRAIN_DATA.exists(), reason="../shared/data/train is not beside the checkout"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.injection import INJECTIONS, PLACES, inject, tripwire_lines
+from benchmarks.records import load_records
 from service.backends.fake import FakeBackend, Script
 from service.injection import fold, scan, signals_in
-from service.records import load_records
 from service.schemas import EvaluateRequest
 from tests.conftest import SHARED_DATA, answer, fake_app, sample_request
 

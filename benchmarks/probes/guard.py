@@ -18,13 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
+from sklearn.model_selection import GroupKFold
 
+from benchmarks import sanity_actions
+from benchmarks.probes.features import ROOT, decision_rows, load_features, tier_model
+from benchmarks.probes.fit import FOLDS, profile_groups
+from benchmarks.records import load_records, split
+from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.ood import OodGuard
-from service.probes import LinearProbe, ProbeSet
+from service.probes import PROBE_FORMAT, LinearProbe, ProbeSet
+from service.settings import load_settings
 
 
 def fit_guard(x: Any, layer: int, k: int, quantile: float = 1.0, scores: Any = None) -> OodGuard:
@@ -32,9 +42,6 @@ def fit_guard(x: Any, layer: int, k: int, quantile: float = 1.0, scores: Any = N
     thresholds are the `quantile` of the fitting set's own distances (fit_guard_cv sets
     honest ones); the score range is that of `scores`, the decision probe's raw scores on x
     (unbounded without them)."""
-    from sklearn.covariance import LedoitWolf
-    from sklearn.decomposition import PCA
-
     mean = x.mean(axis=0)
     scale = x.std(axis=0) + 1e-6
     z = (x - mean) / scale
@@ -61,8 +68,6 @@ def fit_guard(x: Any, layer: int, k: int, quantile: float = 1.0, scores: Any = N
 
 
 def _with_bounds(guard: OodGuard, max_distance: float, max_residual: float) -> OodGuard:
-    from dataclasses import replace
-
     return replace(guard, max_distance=max_distance, max_residual=max_residual)
 
 
@@ -78,10 +83,6 @@ def inside(guard: OodGuard, x: Any, scores: Any) -> Any:
 
 
 def out_of_fold_readings(x: Any, layer: int, k: int, groups: Any) -> tuple[Any, Any]:
-    from sklearn.model_selection import GroupKFold
-
-    from benchmarks.probes import FOLDS
-
     d, r = np.zeros(len(x)), np.zeros(len(x))
     for train, test in GroupKFold(FOLDS).split(x, groups=groups):
         d[test], r[test] = readings(fit_guard(x[train], layer, k), x[test])
@@ -131,12 +132,6 @@ def _fmt(v: Any) -> str:
 def guard(args: argparse.Namespace) -> None:
     """Fit the guard on the tuning part's decision-layer features and write it into the
     tier's probe file (a format-1 file is upgraded; its probes are kept as they are)."""
-    from benchmarks.probes import ROOT, load_features, profile_groups, tier_model
-    from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.probes import PROBE_FORMAT
-    from service.records import load_records, split
-    from service.settings import load_settings
-
     name, _, sha = tier_model(load_settings(), args.tier)
     path = ROOT / "models" / "probes" / f"{name}.json"
     raw = json.loads(path.read_text("utf-8"))
@@ -186,8 +181,6 @@ def _compare_on_sanity(
 ) -> None:
     """Each candidate guard on hand-written actions' saved features (from a `sanity` run),
     when there are some: printed for comparison only, never used to choose."""
-    from benchmarks import sanity_actions
-
     path = out / f"{stem}-{tier}-features.npz"
     if not path.exists():
         return
@@ -214,11 +207,6 @@ def guard_report(args: argparse.Namespace) -> None:
     """The guarded probe on the reporting part's cached features: coverage, accuracy where it
     answers, and overall accuracy when its abstentions go to generation (generation's
     decisions from a `benchmarks.quality --paths generation --ids` run on the same records)."""
-    from benchmarks.probes import ROOT, decision_rows, load_features, tier_model
-    from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.records import load_records, split
-    from service.settings import load_settings
-
     name, _, sha = tier_model(load_settings(), args.tier)
     probes = ProbeSet.load(ROOT / "models" / "probes" / f"{name}.json")
     probes.check(sha)
@@ -260,8 +248,16 @@ def guard_report(args: argparse.Namespace) -> None:
         rows["probe, abstain -> generation"] = np.where(within, probe_flags, generation)
         rows["probe, OOD allow -> generation"] = np.where(tighten_only, probe_flags, generation)
         rows["probe, OOD allow -> escalate"] = tighten_only & probe_flags | ~tighten_only
+    figures = {"coverage": float(within.mean())} | _runs_table(rows, y, within, tighten_only)
+    out = ROOT / "bench-results" / "probes"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"guard-report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+
+
+def _runs_table(rows: dict[str, Any], y: Any, within: Any, tighten_only: Any) -> dict[str, Any]:
+    """Accuracy, recall and how many go to generation for each run; printed as a table."""
     print(f"\n{'run':<34}{'acc%':>7}{'rec%':>7}{'prec%':>7}{'to generation':>15}")
-    figures: dict[str, Any] = {"coverage": float(within.mean())}
+    figures: dict[str, Any] = {}
     for label, flags in rows.items():
         acc = float((flags == y).mean())
         to_gen = {
@@ -277,19 +273,12 @@ def guard_report(args: argparse.Namespace) -> None:
             "recall": float(flags[y].mean()),
             "to_generation": to_gen,
         }
-    out = ROOT / "bench-results" / "probes"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"guard-report-{args.tier}.json").write_text(json.dumps(figures, indent=1))
+    return figures
 
 
 def ids(args: argparse.Namespace) -> None:
     """The ids of the reporting part's records with cached features, one a line (for
     `benchmarks.quality --ids`)."""
-    from benchmarks.probes import load_features, tier_model
-    from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.records import load_records, split
-    from service.settings import load_settings
-
     _, _, sha = tier_model(load_settings(), args.tier)
     _, reporting = split(load_records(args.data))
     have, _ = load_features(sha, reporting, PolicyLibrary().get(DEFAULT_PACK))

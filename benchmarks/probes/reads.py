@@ -1,8 +1,8 @@
 """Which hidden state reads the decision on hand-written requests? A study, not a serving path.
 
-    .venv/bin/python -m benchmarks.probe_reads extract --tier edge --set probe-actions-train-a \\
+    .venv/bin/python -m benchmarks.probes.reads extract --tier edge --set probe-actions-train-a \\
         --set probe-actions-train-b --set sanity-first --set sanity-fresh
-    .venv/bin/python -m benchmarks.probe_reads compare --tier edge
+    .venv/bin/python -m benchmarks.probes.reads compare --tier edge
 
 This compares, on the hand-written minimal pairs (benchmarks/action_sets.py), four reads of
 the same prompt: the last token and the mean of the roll-call lines (from `benchmarks.probes
@@ -21,34 +21,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from benchmarks.action_sets import named_set
-from benchmarks.probes import (
-    _auc,
-    _fit,
+from benchmarks.probes.features import (
     feature_dir,
     load_features,
-    out_of_fold,
     probe_prompt,
-    profile_groups,
     reading_backend,
+    save_span,
     span_dir,
     tier_model,
 )
+from benchmarks.probes.fit import C_GRID, fit_logistic, out_of_fold, profile_groups, roc_auc
 from benchmarks.quality import DEFAULT_DATA
+from benchmarks.records import Record, load_records
 from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER
-from service.records import Record, load_records
 from service.settings import load_settings
 
 TRAIN = ("probe-actions-train-a", "probe-actions-train-b")
 OTHER = ("sanity-first", "sanity-fresh")
-C_GRID = (0.001, 0.01, 0.1, 1.0)
 
 
 def extract(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     settings = load_settings()
     name, _, sha = tier_model(settings, args.tier)
     out = span_dir(sha)
@@ -70,11 +66,7 @@ def extract(args: argparse.Namespace) -> None:
             states = backend.hidden_states(
                 built.prompt, layers=layers, marks=(ROLL_CALL_HEADER,), span=ACTION_SPAN
             )
-            np.savez(
-                out / f"{record.id}.npz",
-                mean=states.span_mean.astype(np.float16),
-                end=states.marks[:, 0].astype(np.float16),
-            )
+            save_span(out / f"{record.id}.npz", states)
     finally:
         backend.close()
     print(f"extracted {len(todo)} records in {time.monotonic() - started:.0f} s")
@@ -109,8 +101,8 @@ def compare(args: argparse.Namespace) -> None:
     print(
         f"{name}: {len(train)} hand-written training requests ({y.sum()} unsafe, "
         f"{len(set(groups))} scenarios), {len(other)} other ({y_other.sum()} unsafe)\n"
-        f"the model's own read, P(allow) at the decision: AUC {_auc(y, 1 - p_allow):.3f} on "
-        f"the pairs, {_auc(y_other, 1 - p_other):.3f} on the others\n"
+        f"the model's own read, P(allow) at the decision: AUC {roc_auc(y, 1 - p_allow):.3f} on "
+        f"the pairs, {roc_auc(y_other, 1 - p_other):.3f} on the others\n"
     )
     n_layers = reads["last token"].shape[1]
     layers = args.layers or list(range(0, n_layers, 3))
@@ -119,15 +111,17 @@ def compare(args: argparse.Namespace) -> None:
         for layer in layers:
             x = x_all[:, layer, :]
             scores = {c: out_of_fold(x, y, c, groups) for c in C_GRID}
-            c = max(scores, key=lambda k: _auc(y, scores[k]))
-            _, _, logit = _fit(x, y, c)
-            other_auc = _auc(y_other, logit(other_reads[read][:, layer, :]))
-            print(f"{read:<16}{layer:>6}{c:>7g}{_auc(y, scores[c]):>20.3f}{other_auc:>8.3f}")
+            c = max(scores, key=lambda k: roc_auc(y, scores[k]))
+            _, _, logit = fit_logistic(x, y, c)
+            other_auc = roc_auc(y_other, logit(other_reads[read][:, layer, :]))
+            print(f"{read:<16}{layer:>6}{c:>7g}{roc_auc(y, scores[c]):>20.3f}{other_auc:>8.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m benchmarks.probes.reads",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("command", choices=["extract", "compare"])
     parser.add_argument("--tier", default="edge")

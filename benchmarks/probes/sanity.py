@@ -14,10 +14,18 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import quality
 from benchmarks.action_sets import named_set, set_label
+from benchmarks.probes.features import ROOT, probe_prompt, tier_model
 from benchmarks.sanity_actions import SANITY, SANITY_FRESH
+from service.backends.base import HiddenStateReader
+from service.evidence import DEFAULT_PACK, PolicyLibrary
 from service.ood import OodGuard
+from service.probe_path import probe_decision
+from service.probes import ProbeSet
+from service.prompt import BuiltPrompt
 from service.schemas import EvaluateRequest
+from service.settings import load_settings
 
 
 def _actions(args: argparse.Namespace) -> tuple[str, list[tuple[str, bool, dict[str, Any]]]]:
@@ -40,60 +48,36 @@ def _requests(args: argparse.Namespace) -> list[EvaluateRequest]:
 
 
 async def sanity(args: argparse.Namespace) -> None:
-    from benchmarks.probes import ROOT, probe_prompt, tier_model
-    from benchmarks.quality import in_process
-    from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.probe_path import probe_decision
-    from service.settings import load_settings
-
     stem, actions = _actions(args)
     requests = _requests(args)
     evidence = list(PolicyLibrary().get(DEFAULT_PACK).items)
     rows: list[dict[str, Any]] = []
-    features = []
+    features: list[Any] = []
     probe = (
         args.probe
         or ROOT / "models" / "probes" / f"{tier_model(load_settings(), args.tier)[0]}.json"
     )
-    async with in_process(args.tier, "probe", probe=probe) as gatekeeper:
+    async with quality.in_process(args.tier, "probe", probe=probe) as gatekeeper:
         tier = gatekeeper.pool.get(args.tier)
         probes, backend = tier.probes, tier.backend
-        assert probes is not None and backend is not None
+        assert probes is not None and isinstance(backend, HiddenStateReader)
         for (label, unsafe, _), request in zip(actions, requests, strict=True):
-            # the features the service reads, from the same prompt (a second prefill: most of
-            # it comes from the KV cache)
             built = probe_prompt(request, backend, gatekeeper.settings, args.tier, evidence)
-            states = backend.hidden_states(
-                built.prompt,
-                layers=probes.layers,
-                marks=built.marks,
-                span=probes.decision_span(bool(built.marks)),
-            )
-            at = {layer: k for k, layer in enumerate(states.layers)}
-            read = probes.decision_rows(states)
-            x = read[at[probes.guard.layer]]
+            x, read = _probe_read(probes, backend, built)
             features.append(x)
-            x_decision = read[at[probes.decision.layer]]
-            p = float(probes.decision.prob(x_decision))
-            reading = probes.guard.read(x, float(probes.decision.score(x_decision)))
             served = await gatekeeper.evaluate(request)
             rows.append(
                 {
                     "action": label,
                     "unsafe": unsafe,
-                    "p_unsafe": p,
-                    "probe": probe_decision(probes, p).value,
-                    "distance": reading.distance,
-                    "residual": reading.residual,
-                    "score": reading.score,
-                    "inside": reading.inside,
+                    **read,
                     "service": served.decision.value,
                     "decided_by": served.decided_by,
                     "degraded": served.degraded,
                     "total_ms": served.timing.total_ms,
                 }
             )
-    async with in_process(args.tier, "generation") as gatekeeper:
+    async with quality.in_process(args.tier, "generation") as gatekeeper:
         for row, request in zip(rows, requests, strict=True):
             generated = await gatekeeper.evaluate(request)
             row["generation"] = generated.decision.value
@@ -104,6 +88,34 @@ async def sanity(args: argparse.Namespace) -> None:
     (out / f"{stem}-{args.tier}.json").write_text(json.dumps(rows, indent=1))
     np.savez(out / f"{stem}-{args.tier}-features.npz", last=np.stack(features))
     print(f"\nwrote {out}/{stem}-{args.tier}.json and the layer's features")
+
+
+def _probe_read(
+    probes: ProbeSet, backend: HiddenStateReader, built: BuiltPrompt
+) -> tuple[Any, dict[str, Any]]:
+    """The guard layer's features and the probe's own columns of the table for one action."""
+    # the features the service reads, from the same prompt (a second prefill: most of
+    # it comes from the KV cache)
+    states = backend.hidden_states(
+        built.prompt,
+        layers=probes.layers,
+        marks=built.marks,
+        span=probes.decision_span(bool(built.marks)),
+    )
+    at = {layer: k for k, layer in enumerate(states.layers)}
+    read = probes.decision_rows(states)
+    x = read[at[probes.guard.layer]]
+    x_decision = read[at[probes.decision.layer]]
+    p = float(probes.decision.prob(x_decision))
+    reading = probes.guard.read(x, float(probes.decision.score(x_decision)))
+    return x, {
+        "p_unsafe": p,
+        "probe": probe_decision(probes, p).value,
+        "distance": reading.distance,
+        "residual": reading.residual,
+        "score": reading.score,
+        "inside": reading.inside,
+    }
 
 
 def _print(rows: list[dict[str, Any]], guard: OodGuard) -> None:
