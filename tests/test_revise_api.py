@@ -4,6 +4,7 @@ and offered only when that judge allows it; every other branch leaves the origin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -183,3 +184,25 @@ async def test_on_the_probe_path_the_probe_reads_the_revision(tmp_path: Path) ->
     assert body["decision"] == "revise"
     assert json.dumps(body["revision"]["arguments"]) == '{"cmd": "du -sh /home/* | sort -h"}'
     assert len(backend.prefills) == 2 and len(backend.requests) == 1  # two reads, one generation
+
+
+async def test_the_revision_runs_in_the_decisions_worker_job_not_behind_the_queue() -> None:
+    # A is denied and revised while B waits for the worker: A's revision and its read come
+    # straight after A's verdict, before B's read (as a job of its own, it would queue behind B)
+    slow = Script(DENY.text, token_delay_s=0.01, choice_probs=DENY.choice_probs)
+    backend = FakeBackend(scripts=[slow, Script(NARROWER), ALLOW, ALLOW])
+    async with fake_app({"edge": backend}, tiers=revising_tiers()) as client:
+        a, b = await asyncio.gather(
+            client.post("/evaluate", json=sample_request(request_id="a")),
+            client.post(
+                "/evaluate",
+                json=sample_request(
+                    request_id="b", action={"tool": "shell", "arguments": {"cmd": "ls"}}
+                ),
+            ),
+        )
+    assert a.json()["decision"] == "revise" and b.json()["decision"] == "allow"
+    _judged_a, revising, read, judged_b = backend.requests
+    assert revising.prompt.response_prefix == '{"tool": "shell", "arguments": {'
+    assert "rm -rf /home/me/.cache/*" in read.prompt.messages[-1].content
+    assert '"cmd": "ls"' in judged_b.prompt.messages[-1].content.replace('\\"', '"')
