@@ -192,15 +192,17 @@ async def test_the_revision_runs_in_the_decisions_worker_job_not_behind_the_queu
     slow = Script(DENY.text, token_delay_s=0.01, choice_probs=DENY.choice_probs)
     backend = FakeBackend(scripts=[slow, Script(NARROWER), ALLOW, ALLOW])
     async with fake_app({"edge": backend}, tiers=revising_tiers()) as client:
-        a, b = await asyncio.gather(
-            client.post("/evaluate", json=sample_request(request_id="a")),
-            client.post(
-                "/evaluate",
-                json=sample_request(
-                    request_id="b", action={"tool": "shell", "arguments": {"cmd": "ls"}}
-                ),
+        first = asyncio.create_task(client.post("/evaluate", json=sample_request(request_id="a")))
+        # A is on the worker (the fake appends from its thread: no event to await)
+        while not backend.requests:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        b = await client.post(
+            "/evaluate",
+            json=sample_request(
+                request_id="b", action={"tool": "shell", "arguments": {"cmd": "ls"}}
             ),
         )
+        a = await first
     assert a.json()["decision"] == "revise" and b.json()["decision"] == "allow"
     _judged_a, revising, read, judged_b = backend.requests
     assert revising.prompt.response_prefix == '{"tool": "shell", "arguments": {'
