@@ -47,9 +47,12 @@ class LoopSettings:
     max_period: int = 128
     # Two copies in a row happen in real text ("no, no"); a third one rarely does.
     min_repeats: int = 3
-    # Short periodic runs are legitimate (the zeros of 1000000, "..."), so a loop must span
-    # at least this many tokens.
-    min_loop_tokens: int = 12
+    # Short periodic runs are legitimate: the zeros of 1000000, "...", and what tools print
+    # (a 19-digit number, a card number "4444 4444 4444 4444", `uname` saying "x86_64" three
+    # times: 12 to 21 tokens, with the blanks around them). A loop must span at least this
+    # many tokens; a real one goes on, so a short unit still fires within 24 tokens of its
+    # start.
+    min_loop_tokens: int = 24
     # Tokens of the third copy a long block needs: two copies and 16 more tokens of the same
     # text almost never happen in prose, and waiting for the whole third copy of a long block
     # costs up to max_period tokens.
@@ -60,7 +63,8 @@ class LoopSettings:
     symbolic_tokens: int = 32
     # A word (letters, digits, "_" or "-") this long with both letters and digits, or twice
     # as long, is a hash, an address, a UUID or base64: its tokens never fire as periodic.
-    # Digits alone are a number, and "1000000000000000..." is Gemma-270m looping.
+    # Digits alone are a number, however long, and "1000000000000000..." is Gemma-270m
+    # looping (20 digits and more: see min_loop_tokens).
     opaque_chars: int = 12
     # gemini-cli's LoopDetectionService hashes 50-character chunks.
     chunk_size: int = 50
@@ -82,8 +86,10 @@ class LoopSettings:
     # Same reasoning for JSON string values, e.g. an evidence list with one item repeated.
     value_repeats: int = 3
     # Copies count when they come close: within this many sentences or values of the last one
-    # (a cycle of up to 4 sentences). A list that names one rule in its 1st, 9th and 20th
-    # line is not a loop.
+    # (a cycle of up to 2). A list that names one rule in its 1st, 9th and 20th line is not a
+    # loop, and neither is a page or a log that prints one line between different ones (a
+    # web page's "<::before><::after>", a shell's syntax error after each command): a line
+    # without a full stop needs the same items between its copies (digits masked).
     repeat_gap: int = 2
     # "Yes." or "No." legitimately recur; sentences (and object values) shorter than this
     # are not counted.
@@ -153,16 +159,27 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _bump(counts: dict[str, tuple[int, int]], key: str, now: int, gap: int) -> int:
-    """Count one more copy of `key`, seen as the `now`-th item; a copy more than `gap` items
-    after the last one starts the count again (a loop repeats itself close by)."""
+_Counts = dict[str, tuple[int, int, tuple[str, ...]]]  # key -> (copies, when, items between)
+
+
+def _bump(counts: _Counts, key: str, now: int, recent: list[str], gap: int, cycle: bool) -> int:
+    """Count one more copy of `key`, seen as the `now`-th item after the items `recent`
+    (masked, the latest last). A copy more than `gap` items after the last one starts the
+    count again (a loop repeats itself close by). With `cycle`, one with other items between
+    it and the last than the last had before it counts as a second copy: a line of a
+    listing comes back among different ones, a loop repeats its whole cycle."""
     last = counts.get(key)
-    n = last[0] + 1 if last is not None and now - last[1] <= gap else 1
+    between: tuple[str, ...]
+    if last is None or now - last[1] > gap:
+        n, between = 1, ()
+    else:
+        between = tuple(recent[len(recent) - (now - 1 - last[1]) :])
+        n = last[0] + 1 if not cycle or last[0] == 1 or last[2] == between else 2
     if last is None and len(counts) >= _TRACKED_MAX:
         # Loops are local, so the oldest entries (dicts keep insertion order) matter least.
         for old in list(counts)[: _TRACKED_MAX // 2]:
             del counts[old]
-    counts[key] = (n, now)
+    counts[key] = (n, now, between)
     return n
 
 
@@ -220,19 +237,19 @@ class LoopDetector:
         self._string_is_key = False
         self._stack: list[str] = []
         self._expect_key = False
-        self._values: dict[str, tuple[int, int]] = {}  # value -> (copies, when last seen)
+        self._values: _Counts = {}
         # sentences
         self._sentence: list[str] = []
         self._dot_pending = False
-        self._sentences: dict[str, tuple[int, int]] = {}
+        self._sentences: _Counts = {}
         self._items = 0  # sentences and values counted so far, the clock of _bump
+        self._recent: list[str] = []  # the latest of them, digits masked
         # near copies: the words of this sentence and the last, and where the last two differed
         self._word: list[str] = []
         self._words: list[str] = []
         self._prev_words: list[str] = []
         self._prev_diff: frozenset[int] | None = None
         self._diff: list[int] = []
-        self._opaque_words = 0
         # counting loops, over content characters with every number masked as one "#"
         self._masked: list[str] = []
         self._numbers: list[str] = []  # the number each "#" of _masked stands for
@@ -318,7 +335,8 @@ class LoopDetector:
                 self._word_digit = self._word_digit or c.isdigit()
                 self._word_alpha = self._word_alpha or c.isalpha()
                 mixed = self._word_digit and self._word_alpha
-                if self._word_chars >= s.opaque_chars * (1 if mixed else 2):
+                # digits alone are a number, never opaque (see opaque_chars)
+                if self._word_alpha and self._word_chars >= s.opaque_chars * (1 if mixed else 2):
                     self._opaque_token = index
             else:
                 self._word_chars = 0
@@ -352,7 +370,7 @@ class LoopDetector:
             nested = bool(self._stack)
             verdict = self._lex(index, c)
             if verdict is None and content:
-                verdict = self._chunk(index, c) or self._counting(index, c)
+                verdict = self._chunk(index, c, escaped) or self._counting(index, c)
             elif not content and self._masked and nested:
                 # JSON structure between strings: ids in separate strings never meet (a quote
                 # in top-level prose is just a mark)
@@ -367,19 +385,19 @@ class LoopDetector:
         return None
 
     def _counting(self, index: int, c: str) -> LoopVerdict | None:
-        digit = c.isdigit()
+        # The digits of a hash or an identifier ("a1b2c3d4e5f6", "paper_towel_005") are text,
+        # not a number: unmasked, a hash matches nothing and an id quoted in every copy of a
+        # counting loop matches itself.
+        digit = c.isdigit() and not (
+            self._opaque_token == index and self._word_digit and self._word_alpha
+        )
         if digit and self._prev_digit:
             self._numbers[-1] += c
             return None  # one "#" per number, so 9 -> 10 keeps the period
         self._prev_digit = digit
         s = self.settings
         masked, runs = self._masked, self._count_runs
-        if self._opaque_token == index and self._word_digit and self._word_alpha:
-            # a hash masks to "#a#f#..." and may look periodic: it matches nothing
-            m = chr(0xE000 + (self._opaque_words % 4096))
-            self._opaque_words += 1
-        else:
-            m = "#" if digit else c
+        m = "#" if digit else c
         end = len(masked)  # index m will have
         hit = 0
         for lag in list(runs):
@@ -437,12 +455,12 @@ class LoopDetector:
         changed = sum(nums[i] != nums[i - lag] for i in range(end - lag, end) if nums[i])
         return changed == 1
 
-    def _chunk(self, index: int, c: str) -> LoopVerdict | None:
+    def _chunk(self, index: int, c: str, escaped: bool) -> LoopVerdict | None:
         s = self.settings
         size = s.chunk_size
         self._content += c
         n = self._content_chars = self._content_chars + 1
-        if c.isalnum():
+        if c.isalnum() and not escaped:  # the "n" of "\\n" is a blank, not a letter
             self._content_alnum = n
         if len(self._content) > 4 * size:
             self._content = self._content[-size:]
@@ -568,10 +586,8 @@ class LoopDetector:
         # Array items may be short ("R1 applies"); values of object members are held to the
         # sentence minimum because enums like "high" legitimately recur across fields.
         in_array = bool(self._stack) and self._stack[-1] == "["
-        self._items += 1
-        if len(value) < (3 if in_array else self.settings.min_sentence_chars):
-            return None
-        n = _bump(self._values, value, self._items, self.settings.repeat_gap)
+        counted = len(value) >= (3 if in_array else self.settings.min_sentence_chars)
+        n = self._item(self._values, value, value, counted)
         if n < self.settings.value_repeats:
             return None
         return LoopVerdict(
@@ -663,16 +679,29 @@ class LoopDetector:
         raw = "".join(self._sentence).strip()
         self._sentence.clear()
         key = " ".join(raw.split()).lower().rstrip(".!? ")
-        if key:
-            self._items += 1  # every sentence ticks the clock, the short ones too
-        if overflowed or len(key) < self.settings.min_sentence_chars:
+        if not key:
             return None
-        n = _bump(self._sentences, key, self._items, self.settings.repeat_gap)
+        # every sentence ticks the clock, the short ones too
+        counted = not overflowed and len(key) >= self.settings.min_sentence_chars
+        n = self._item(self._sentences, key, raw, counted)
         if n < self.settings.sentence_repeats:
             return None
         return LoopVerdict(
             LoopKind.REPEATED_SENTENCE, len(key), index, f'sentence "{_clip(raw)}" x{n}'
         )
+
+    def _item(self, counts: _Counts, key: str, raw: str, counted: bool) -> int:
+        """Tick the clock of sentences and values; the copies of `key` so far if `counted`.
+        A sentence said again is a loop whatever comes between ("The policy is a policy
+        action." under ever longer headings); a line without a full stop, a log's or a
+        page's, must come back with its whole cycle."""
+        gap = self.settings.repeat_gap
+        self._items += 1
+        cycle = raw[-1:] not in _SENTENCE_END
+        n = _bump(counts, key, self._items, self._recent, gap, cycle) if counted else 0
+        self._recent.append(_DIGITS.sub("#", key))
+        del self._recent[:-gap]
+        return n
 
     def _end_near(self, index: int) -> LoopVerdict | None:
         words, prev = self._words, self._prev_words

@@ -92,10 +92,21 @@ def test_hex_strings_and_hashes_are_not_periodic(vocab: Vocabulary) -> None:
             assert verdict is None, (text, verdict)
 
 
+def test_what_tools_print_a_few_times_is_not_a_loop(vocab: Vocabulary) -> None:
+    # 12 to 21 edge tokens: under the 24-token minimum of a periodic loop
+    for text in (
+        "Linux localhost 5.15.0-76-generic #83-Ubuntu SMP x86_64 x86_64 x86_64 GNU/Linux",
+        "card 4444 4444 4444 4444, test card 4111111111111111, ratio 3.4666666666666667",
+    ):
+        for as_json in (True, False):
+            verdict, _ = feed_text(text, vocab, as_json)
+            assert verdict is None, (text, verdict)
+
+
 def test_real_text_is_not_cut(vocab: Vocabulary, texts: Texts) -> None:
     """Every thought, message and tool output, fed as an answer's rationale. Text that holds
     a loop itself (an independent labeller: a block 3 times in a row, 64 blanks) may fire."""
-    for name, items, target in (("prose", texts.prose, 0.001), ("tools", texts.tools, 0.0075)):
+    for name, items, target in (("prose", texts.prose, 0.001), ("tools", texts.tools, 0.005)):
         fired: Counter[str] = Counter()
         clean = 0
         for text in items:
@@ -106,7 +117,6 @@ def test_real_text_is_not_cut(vocab: Vocabulary, texts: Texts) -> None:
             if verdict is not None:
                 fired[verdict.kind.value] += 1
         rate = sum(fired.values()) / clean
-        # tools: the issue's target is 0.5 %; measured 0.63 % (docs/loops.md), so this bound
-        # guards the figure rather than the target
+        # the targets of issue 20 (measured 0.05 % and 0.16 %, docs/loops.md)
         assert rate <= target, f"{name}: {rate:.4f} ({dict(fired)})"
         assert set(fired) <= set(LoopKind)

@@ -84,7 +84,7 @@ def test_periodic_tokens() -> None:
     assert verdict is not None
     assert verdict.kind is LoopKind.PERIODIC_TOKENS
     assert verdict.period == 2
-    assert verdict.at_token == 11  # 6 copies of ["ok", " "] make the 12-token minimum
+    assert verdict.at_token == 23  # 12 copies of ["ok", " "] make the 24-token minimum
     assert "'ok '" in verdict.detail
 
 
@@ -92,7 +92,7 @@ def test_periodic_tokens_by_id_when_text_is_empty() -> None:
     # Token ids alone are enough: partial UTF-8 pieces decode to ''.
     verdict = run([(tid, "") for tid in [5, 6, 7] * 10])
     assert verdict is not None
-    assert (verdict.kind, verdict.period, verdict.at_token) == (LoopKind.PERIODIC_TOKENS, 3, 11)
+    assert (verdict.kind, verdict.period, verdict.at_token) == (LoopKind.PERIODIC_TOKENS, 3, 23)
 
 
 def test_periodic_needs_min_repeats_copies() -> None:
@@ -163,6 +163,15 @@ def test_whitespace_run() -> None:
     assert verdict.at_token == token_at(tokens, len('{"decision":') + 63)
 
 
+def test_escaped_blank_lines_are_no_chunk() -> None:
+    # 40 blank lines escaped in a JSON string, 4 to a token as Qwen writes them: fewer than
+    # 64 blanks, and the "n" of "\\n" is no letter, so no 50-character chunk repeats either
+    text = json.dumps({"rationale": "Create issue" + "\n" * 40 + "Cancel"})
+    assert scan(text, r"(?:\\n){1,4}|\w+|[^\w\s]|\s") is None
+    verdict = scan(json.dumps({"rationale": "Create issue" + "\n" * 80}), r"(?:\\n){1,4}|.")
+    assert verdict is not None and verdict.kind is LoopKind.WHITESPACE_RUN
+
+
 def test_newline_run_in_big_tokens() -> None:
     verdict = scan('{"decision": "deny",' + "\n\n\n\n" * 30, r"\n{4}|[^\n]+")
     assert verdict is not None
@@ -213,6 +222,20 @@ def test_gemma_sentence_loop_inside_json(pattern: str) -> None:
     # a full stop ends a sentence once the next character shows it is not "example.com"
     assert verdict.at_token == third_end + 1
     assert second_end < verdict.at_token <= second_end + 32
+
+
+def test_a_repeated_line_needs_its_whole_cycle_again() -> None:
+    # A B A B A is a loop; A X A Y A is a listing that comes back to one line
+    cycle = "The request is denied now\nRule R1 forbids deleting data\n"
+    verdict = scan(cycle * 3)
+    assert verdict is not None and verdict.kind is LoopKind.REPEATED_SENTENCE
+    listing = "".join(f"The request is denied now\n{w} is a different line\n" for w in "ABC")
+    assert scan(listing) is None
+    # ...but a sentence with its full stop is a loop whatever comes between (Gemma-270m)
+    heads = ["POLICY", "POLICY_ACTION", "POLICY_ACTION_POLICY"]
+    gemma = "".join(f"{h}:\nThe policy is a policy action.\n\n" for h in heads)
+    verdict = scan(gemma)
+    assert verdict is not None and verdict.kind is LoopKind.REPEATED_SENTENCE
 
 
 def test_gemma_sentence_loop_plain_text() -> None:
@@ -304,6 +327,15 @@ def test_repeated_long_object_value() -> None:
         "The score went from 0.5 to 0.75 and then to 0.9. It is 0.5 again.",
         # a decimal point does not end a sentence, so these are three different sentences
         "Confidence is 0.5 for rule R1. Confidence is 0.7 for rule R1. Confidence is 0.9 for rule R1.",
+        # what tools print, quoted in a rationale: short units a few times, numbers, cards
+        json.dumps({"card_number": "4444 4444 4444 4444", "test_card": "4111111111111111"}),
+        "(np.float64(3.4666666666666667), 9223372036854775807)",
+        "Linux localhost 5.15.0-76-generic x86_64 x86_64 x86_64 GNU/Linux",
+        # a web page's separator line between different lines; a shell error after each line
+        "Games\n<::before><::after>\n_search_\n<::before><::after>\n_help_\n<::before><::after>\n",
+        "&& sleep 2 \\\nbash: syntax error near unexpected token `&&'\n&& export A=1 \\\n"
+        "bash: syntax error near unexpected token `&&'\n&& ls -l /tmp \\\n"
+        "bash: syntax error near unexpected token `&&'\n",
     ],
 )
 def test_legitimate_output_does_not_fire(text: str, pattern: str) -> None:
@@ -451,6 +483,9 @@ def test_counting_loops_fire_but_separate_ids_do_not() -> None:
     ):
         verdict = scan(text, ".{1,3}")
         assert verdict is not None and verdict.kind is LoopKind.COUNTING, text
+    # an identifier with digits, quoted in every copy, is text: the counter still counts
+    verdict = scan("".join(f"Item {i}: holding towel paper_towel_005 now.\n" for i in range(8, 20)))
+    assert verdict is not None and verdict.kind is LoopKind.COUNTING
     ids = json.dumps({"evidence": [f"rule-{i:03d}" for i in range(1, 41)]})
     assert scan(ids, ".{1,3}") is None
     assert scan("Run steps 1, 2, 3, 4 and 5 in order, then stop.", ".{1,3}") is None
