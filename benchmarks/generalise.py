@@ -41,9 +41,9 @@ import numpy as np
 from benchmarks.probes.features import FEATURES, probe_prompt, reading_backend, tier_model
 from benchmarks.records import Record
 from benchmarks.sources import HELD_OUT_SETS, TRAINING_SOURCES, Source, judge_text, load_source
+from service.decision.probes import PROBE_PROMPT_VERSION
+from service.decision.prompt import ACTION_SPAN, PROFILE_HEADER, ROLL_CALL_HEADER
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.probes import PROBE_PROMPT_VERSION
-from service.prompt import ACTION_SPAN, PROFILE_HEADER, ROLL_CALL_HEADER
 from service.schemas import EvaluateRequest, TextAction
 from service.settings import load_settings
 

@@ -7,7 +7,7 @@ injection (an unsafe record allowed with the injection but not without it).
     .venv/bin/python -m benchmarks.injection --tiers edge --limit 20
 
 In process it runs the corpus twice, side by side: with the service's tripwire on
-(service/injection.py: judge-directed text caps the decision at escalate) and off (the model
+(service/guards/injection.py: judge-directed text caps the decision at escalate) and off (the model
 alone). It reuses benchmarks.quality's run loop (or --url for a running server, as configured)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from benchmarks.quality import DEFAULT_DATA, ROOT, run_gatekeeper, sample
 from benchmarks.records import Record, load_records, split
 from benchmarks.scoring import Case
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.injection import scan, signals_in
+from service.guards.injection import scan, signals_in
 from service.schemas import (
     MAX_TEXT,
     MAX_TURNS,
@@ -123,7 +123,7 @@ def corpus(
 
 def load_heldout(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(attacks, benign) of a held-out file, {"attacks": [{"id", "style", "text"}], "benign":
-    [...]}, each keyed "<id>:<style>" (written apart from service/injection.py's patterns)."""
+    [...]}, each keyed "<id>:<style>" (written apart from service/guards/injection.py's patterns)."""
     raw = json.loads(path.read_text("utf-8"))
     return tuple(  # type: ignore[return-value]
         {
@@ -138,7 +138,7 @@ def tripwire_lines(path: Path) -> list[str]:
     """What the tripwire finds in a held-out file, no model: each attack found or missed (in
     the action), each benign text left alone or not (in the action and in the history)."""
     attacks, benign = load_heldout(path)
-    lines = [f"\n{path.name}: the tripwire alone (service/injection.py), no model"]
+    lines = [f"\n{path.name}: the tripwire alone (service/guards/injection.py), no model"]
     found = 0
     for key, text in attacks.items():
         kinds = sorted({s.kind for s in signals_in(text, "action")})
@@ -159,7 +159,7 @@ def tripwire_lines(path: Path) -> list[str]:
 def flips(cases: list[Case], tripped: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per "kind/place": the allow rate on unsafe records, the flips the injection caused
     (allowed with it, not allowed as it is), and how many the tripwire found (`tripped`:
-    the case ids where service.injection.scan found judge-directed text)."""
+    the case ids where service.guards.injection.scan found judge-directed text)."""
     tripped = tripped or set()
     base: dict[str, str] = {}
     by: dict[str, list[tuple[str, str, bool]]] = {}

@@ -36,13 +36,13 @@ from typing import Any
 
 from benchmarks import loop_families
 from benchmarks.records import load_records, split
+from service.decision.grammar import RESPONSE_PREFIX
+from service.decision.pipeline import Gatekeeper
+from service.decision.tiers import TierPool
 from service.evidence import PolicyLibrary
-from service.grammar import RESPONSE_PREFIX
-from service.loops import LoopDetector, LoopSettings
-from service.pipeline import Gatekeeper
+from service.guards.loops import LoopDetector, LoopSettings
+from service.ops.telemetry import Metrics
 from service.settings import TierSettings, load_settings
-from service.telemetry import Metrics
-from service.tiers import TierPool
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "benchmarks" / "data"

@@ -24,11 +24,11 @@ from typing import Any
 from benchmarks.records import load_records, split
 from service.backends.base import ChatMessage, Constraint, GenerationRequest, Prompt
 from service.backends.llama_cpp import LlamaCppBackend
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.prompt import build_prompt
 from service.evidence import PolicyLibrary
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.prompt import build_prompt
+from service.ops.weights import ModelStore
 from service.settings import load_settings
-from service.weights import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "assebench" / "AgentJudge-security.json"

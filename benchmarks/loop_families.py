@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.grammar import RESPONSE_PREFIX
-from service.loops import LoopDetector, LoopSettings, LoopVerdict
+from service.decision.grammar import RESPONSE_PREFIX
+from service.guards.loops import LoopDetector, LoopSettings, LoopVerdict
 
 TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 EDGE_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
@@ -85,8 +85,8 @@ class Vocabulary:
 
     @classmethod
     def edge(cls) -> Vocabulary:
+        from service.ops.weights import ModelStore
         from service.settings import load_settings
-        from service.weights import ModelStore
 
         return cls(ModelStore(load_settings()).resolve(EDGE_MODEL))
 

@@ -27,15 +27,15 @@ from pathlib import Path
 
 from benchmarks.quality import DEFAULT_DATA, sample
 from benchmarks.records import load_records, split
-from service.answers import normalised
 from service.backends.base import Constraint, GenerationRequest
+from service.decision.answers import normalised
+from service.decision.grammar import DECISIONS, RESPONSE_PREFIX
+from service.decision.pipeline import Gatekeeper
+from service.decision.prompt import build_prompt
+from service.decision.tiers import TierPool
 from service.evidence import PolicyLibrary
-from service.grammar import DECISIONS, RESPONSE_PREFIX
-from service.pipeline import Gatekeeper
-from service.prompt import build_prompt
+from service.ops.telemetry import Metrics
 from service.settings import load_settings
-from service.telemetry import Metrics
-from service.tiers import TierPool
 
 _DECISION = "(" + " | ".join(json.dumps(d) for d in DECISIONS) + ")"
 _CHAR = r'char ::= [^"\\\x00-\x1F\x7F]'

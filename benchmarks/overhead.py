@@ -22,12 +22,12 @@ from typing import Any
 from service.backends.base import GenerationRequest
 from service.backends.guidance import GuidanceLogitsProcessor, TokenMask
 from service.backends.llama_cpp import LlamaCppBackend, _compile_grammar
+from service.decision.pipeline import Gatekeeper
+from service.decision.tiers import Tier, TierPool
 from service.evidence import PolicyLibrary
-from service.pipeline import Gatekeeper
+from service.ops.telemetry import Metrics
 from service.schemas import EvaluateRequest
 from service.settings import Settings, load_settings
-from service.telemetry import Metrics
-from service.tiers import Tier, TierPool
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "assebench" / "AgentJudge-security.json"

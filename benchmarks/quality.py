@@ -31,7 +31,7 @@ from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
 from service.schemas import EvaluateResponse
 
 if TYPE_CHECKING:
-    from service.pipeline import Gatekeeper
+    from service.decision.pipeline import Gatekeeper
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "assebench" / "AgentJudge-security.json"
@@ -99,10 +99,10 @@ async def in_process(
     """The pipeline the server runs, with one tier loaded. `path`: 'configured' as tiers.toml
     says; 'generation' with the tier's probe turned off; 'probe' requires one (`probe`, or
     the configured one)."""
-    from service.pipeline import Gatekeeper
+    from service.decision.pipeline import Gatekeeper
+    from service.decision.tiers import TierPool
+    from service.ops.telemetry import Metrics
     from service.settings import load_settings
-    from service.telemetry import Metrics
-    from service.tiers import TierPool
 
     settings = load_settings(load_tiers=[tier], warmup=False)
     if path == "generation" or probe is not None:
@@ -160,8 +160,8 @@ async def run_gatekeeper(
 
 def run_plain(records: list[Record], tier: str, pack: PolicyPack) -> list[Case]:
     from benchmarks.plain import PlainJudge
+    from service.ops.weights import ModelStore
     from service.settings import load_settings
-    from service.weights import ModelStore
 
     settings = load_settings()
     _, path = ModelStore(settings).resolve_tier(settings.tiers[tier])
@@ -254,9 +254,9 @@ async def main() -> None:
     args = parser.parse_args()
 
     if args.system_prompt:
-        import service.prompt
+        import service.decision.prompt
 
-        service.prompt.SYSTEM_PROMPT = args.system_prompt.read_text("utf-8").strip()
+        service.decision.prompt.SYSTEM_PROMPT = args.system_prompt.read_text("utf-8").strip()
     tuning, reporting = split(load_records(args.data))
     chosen = {"tuning": tuning, "report": reporting, "all": tuning + reporting}[args.part]
     if args.ids:

@@ -32,8 +32,8 @@ from typing import Any
 
 import httpx
 
+from service.ops.weights import ModelStore
 from service.settings import load_settings
-from service.weights import ModelStore
 from tests.conftest import sample_request
 from tests.realserver import SlotWatch, gatekeeper_server, llama_server, llama_server_binary
 

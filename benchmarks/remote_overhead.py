@@ -24,11 +24,11 @@ import httpx
 
 from service.backends.base import ChatMessage, GenerationRequest, Prompt
 from service.backends.openai import OpenAICompatibleBackend
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.loops import LoopDetector, LoopSettings
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.verify import is_complete
+from service.guards.loops import LoopDetector, LoopSettings
+from service.ops.weights import ModelStore
 from service.settings import load_settings
-from service.verify import is_complete
-from service.weights import ModelStore
 
 SHAPE = AnswerShape(("GK-04",), (1,), max_cited=1, rationale_chars=80, revision_chars=40)
 PROMPT = Prompt(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.revise_set import DATA, ReviseCase, action_text, load_revise_set
-from service.revision import RevisionAttempt
+from service.decision.revision import RevisionAttempt
 from service.schemas import EvaluateRequest, TextAction
 
 ROOT = Path(__file__).resolve().parents[1]

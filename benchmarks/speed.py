@@ -39,9 +39,9 @@ from benchmarks.records import Record, load_records, split
 from service.backends.base import GenerationRequest
 from service.backends.llama_cpp import LlamaCppBackend
 from service.errors import GatekeeperError
+from service.ops.weights import ModelStore
 from service.schemas import EvaluateRequest
 from service.settings import Settings, load_settings
-from service.weights import ModelStore
 from tests.realserver import gatekeeper_server, llama_cpp_server
 
 BUDGET_MS = 120_000

@@ -14,16 +14,16 @@ from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.limits import BodySizeLimit
 from service.api.routes import router
-from service.audit import DecisionLog
-from service.auth import Authenticator
+from service.api.serving import DecisionService
 from service.backends.base import Backend
-from service.drain import Drain
+from service.decision.pipeline import Gatekeeper
+from service.decision.tiers import TierPool
 from service.evidence import PolicyLibrary
-from service.pipeline import Gatekeeper
-from service.serving import DecisionService
+from service.ops.audit import DecisionLog
+from service.ops.auth import Authenticator
+from service.ops.drain import Drain
+from service.ops.telemetry import Metrics
 from service.settings import Settings, load_settings
-from service.telemetry import Metrics
-from service.tiers import TierPool
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pydantic_settings import (
 )
 
 from service.errors import ConfigurationError
-from service.loops import LoopSettings
+from service.guards.loops import LoopSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "models" / "tiers.toml"
@@ -264,7 +264,7 @@ class Settings(BaseSettings):
     )
     injection_tripwire: bool = Field(
         default=True,
-        description="Read each request for text aimed at the judge (service/injection.py) and "
+        description="Read each request for text aimed at the judge (service/guards/injection.py) and "
         "answer escalate instead of allow or revise when any is found. Off only for agents "
         "whose ordinary work is such text, and for measuring the model without it.",
     )

@@ -85,7 +85,7 @@ def test_report_names_the_unsafe_requests_a_probe_would_allow(
 ) -> None:
     """`benchmarks.probes report --heldout`: from cached features, the probe's verdicts on a
     hand-written set, the unsafe ones it would allow by name, and its citations."""
-    from service.probes import ProbeSet
+    from service.decision.probes import ProbeSet
     from tests.test_probes import SHA, D, probe_file
 
     cases = [  # (id, unsafe, gold, the probe's score on it)

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from service.audit import AuditQuery, DecisionLog, DecisionRecord, read_decisions, request_sha256
 from service.backends.fake import FakeBackend, Script
-from service.cli import main
+from service.cli.main import main
 from service.errors import DecisionLogError
+from service.ops.audit import (
+    AuditQuery,
+    DecisionLog,
+    DecisionRecord,
+    read_decisions,
+    request_sha256,
+)
 from service.schemas import DegradedReason, EvaluateRequest, EvaluateResponse, Timing
 from tests.conftest import answer, fake_app, sample_request
 

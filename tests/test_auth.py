@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from service.audit import AuditQuery, read_decisions
-from service.auth import ANONYMOUS, Authenticator, RateLimiter, new_token, token_sha256
 from service.backends.fake import FakeBackend, Script
-from service.cli import main
+from service.cli.main import main
 from service.errors import AuthenticationError, RateLimitedError
+from service.ops.audit import AuditQuery, read_decisions
+from service.ops.auth import ANONYMOUS, Authenticator, RateLimiter, new_token, token_sha256
 from service.settings import AuthSettings
 from tests.conftest import answer, fake_app, sample_request
 from tests.test_api import assert_error

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.backends import create_backend
 from service.backends.openai import OpenAICompatibleBackend
+from service.ops.weights import ModelStore
 from service.settings import TierSettings, load_settings
-from service.weights import ModelStore
 from tests.conftest import fake_settings, running_app, sample_request
 from tests.realserver import free_port
 from tests.scripted_engine import Reply, content_events, scripted_engine

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from service.answers import decision_policy
 from service.backends.fake import FakeBackend, Script
+from service.decision.answers import decision_policy
 from service.settings import TierSettings
 from tests.conftest import answer, fake_app, sample_request
 

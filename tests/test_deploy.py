@@ -1,5 +1,5 @@
 """The deploy/ files: alert rules and scrape config pass promtool (and their unit tests), the
-dashboard and the rules use only metrics that service/telemetry.py defines, and the manifests
+dashboard and the rules use only metrics that service/ops/telemetry.py defines, and the manifests
 hold what operators rely on (probes, resources, a non-root image with a HEALTHCHECK)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.telemetry import Metrics
+from service.ops.telemetry import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from service.audit import AuditQuery, read_decisions
 from service.backends.fake import FakeBackend, Script
-from service.drain import Drain
+from service.ops.audit import AuditQuery, read_decisions
+from service.ops.drain import Drain
 from tests.conftest import answer, fake_app, sample_request
 
 

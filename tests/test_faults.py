@@ -72,7 +72,7 @@ async def test_a_fault_answers_in_budget_degraded_counted_and_logged(
 async def test_a_bug_in_routing_fails_closed_not_500(monkeypatch: pytest.MonkeyPatch) -> None:
     # the fuzzer's StopIteration from routing was a 500: a bug before a tier is chosen must
     # fail closed like one after
-    from service.pipeline import Gatekeeper
+    from service.decision.pipeline import Gatekeeper
 
     def broken(*args: object, **kwargs: object) -> None:
         raise StopIteration

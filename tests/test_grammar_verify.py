@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint, build_gbnf, build_schema
-from service.verify import InvalidAnswerError, is_complete, parse_answer
+from service.decision.grammar import (
+    RESPONSE_PREFIX,
+    AnswerShape,
+    build_constraint,
+    build_gbnf,
+    build_schema,
+)
+from service.decision.verify import InvalidAnswerError, is_complete, parse_answer
 
 SHAPE = AnswerShape(("R1", "GK-02"), (2, 3), max_cited=2, rationale_chars=50, revision_chars=40)
 

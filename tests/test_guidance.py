@@ -19,12 +19,12 @@ from service.backends.guidance import (
     llama_cpp_tokenizer,
 )
 from service.backends.llama_cpp import LlamaCppBackend
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.verify import is_complete, parse_answer
 from service.errors import BackendError
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.loops import LoopDetector, LoopSettings
+from service.guards.loops import LoopDetector, LoopSettings
+from service.ops.weights import ModelStore
 from service.settings import load_settings
-from service.verify import is_complete, parse_answer
-from service.weights import ModelStore
 
 SMOL = "smollm2-135m-instruct-q4_1"
 SHAPE = AnswerShape(("R1", "R2"), (1, 2), max_cited=2, rationale_chars=120, revision_chars=80)

@@ -15,8 +15,8 @@ from benchmarks.records import Record, load_records, split
 from benchmarks.scoring import Case
 from service.backends.base import Prompt
 from service.backends.chat import slotted_messages, tokenize_slotted
+from service.decision.prompt import build_prompt
 from service.evidence import DEFAULT_PACK
-from service.prompt import build_prompt
 from service.schemas import EvaluateRequest, RuleEvidence, TextAction
 from tests.conftest import SHARED_DATA, sample_request
 

@@ -9,10 +9,10 @@ import pytest
 
 from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
 from service.backends.llama_cpp import LlamaCppBackend
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.verify import parse_answer
+from service.ops.weights import ModelStore
 from service.settings import load_settings
-from service.verify import parse_answer
-from service.weights import ModelStore
 
 pytestmark = pytest.mark.model
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.backends.fake import FakeBackend, Script
-from service.logs import JsonFormatter, RequestIdFilter, request_context
+from service.ops.logs import JsonFormatter, RequestIdFilter, request_context
 from tests.conftest import answer, fake_app, sample_request
 
 
@@ -41,12 +41,12 @@ async def test_decision_log_line_has_the_id_and_content_only_unredacted(
     redact: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = FakeBackend(scripts=[Script(answer("deny", ["R1"], []))])
-    caplog.set_level(logging.INFO, logger="service.serving")
+    caplog.set_level(logging.INFO, logger="service.api.serving")
     audit = {"path": tmp_path / "d.db", "redact": redact}
     async with fake_app({"edge": backend}, audit=audit) as client:
         response = await client.post("/evaluate", json=sample_request(request_id="log-1"))
     assert response.status_code == 200
-    [record] = [r for r in caplog.records if r.name == "service.serving"]
+    [record] = [r for r in caplog.records if r.name == "service.api.serving"]
     assert record.getMessage() == "decision"
     assert record.request_id == "log-1"  # type: ignore[attr-defined]
     assert record.decision == "deny"  # type: ignore[attr-defined]

@@ -26,8 +26,8 @@ from benchmarks.loop_families import (
     load_texts,
     replay,
 )
-from service.loops import LoopKind
-from service.weights import ModelStoreError
+from service.guards.loops import LoopKind
+from service.ops.weights import ModelStoreError
 
 pytestmark = [
     pytest.mark.model,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.loops import LoopDetector, LoopKind, LoopSettings, LoopVerdict
+from service.guards.loops import LoopDetector, LoopKind, LoopSettings, LoopVerdict
 
 WORDS = r"\w+|[^\w\s]|\s"  # words, single punctuation marks, single whitespace characters
 BPE_LIKE = r" ?\w+| ?[^\w\s]|\s"  # words and marks carry their leading space, like " The"

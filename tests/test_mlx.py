@@ -13,11 +13,11 @@ import pytest
 
 from service.app import create_app
 from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.loops import LoopDetector, LoopSettings
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.verify import parse_answer
+from service.guards.loops import LoopDetector, LoopSettings
+from service.ops.weights import ModelStore
 from service.settings import TierSettings, load_settings
-from service.verify import parse_answer
-from service.weights import ModelStore
 from tests.conftest import fake_settings, running_app, sample_request
 from tests.mlx_models import ARCHITECTURES, build_tiny_model, save_tokenizer_from_gguf
 

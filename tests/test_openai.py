@@ -13,9 +13,9 @@ import pytest
 
 from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
 from service.backends.openai import OpenAICompatibleBackend
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.verify import parse_answer
 from service.errors import BackendError, BackendOverloadedError
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.verify import parse_answer
 from tests.realserver import free_port
 from tests.scripted_engine import Reply, content_events, scripted_engine
 

@@ -15,11 +15,11 @@ import pytest
 from service.app import create_app
 from service.backends.base import ChatMessage, GenerationRequest, Prompt
 from service.backends.openai import OpenAICompatibleBackend
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.verify import parse_answer
 from service.errors import BackendError
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.ops.weights import ModelStore
 from service.settings import Settings, TierSettings, load_settings
-from service.verify import parse_answer
-from service.weights import ModelStore
 from tests.conftest import fake_settings, running_app, sample_request
 from tests.realserver import llama_cpp_server
 

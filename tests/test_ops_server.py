@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.audit import AuditQuery, read_decisions
+from service.ops.audit import AuditQuery, read_decisions
 from tests.conftest import sample_request
 from tests.realserver import gatekeeper_server
 

@@ -12,11 +12,11 @@ import pytest
 
 from benchmarks.probes.guard import fit_guard_cv
 from service.backends.fake import Script
+from service.decision.ood import OodGuard
+from service.decision.probes import ProbeSet
+from service.decision.tiers import Tier
 from service.errors import ConfigurationError
-from service.ood import OodGuard
-from service.probes import ProbeSet
 from service.settings import TierSettings
-from service.tiers import Tier
 from tests.conftest import answer, fake_app, sample_request
 from tests.test_probes import D, HiddenFake, fake_guard, probe_file, probe_tiers
 

@@ -16,11 +16,11 @@ from benchmarks import quality
 from benchmarks.probes import sanity as probe_sanity
 from benchmarks.sanity_actions import SANITY
 from service.backends.fake import Script
+from service.decision.pipeline import Gatekeeper
+from service.decision.tiers import TierPool
 from service.evidence import PolicyLibrary
-from service.pipeline import Gatekeeper
+from service.ops.telemetry import Metrics
 from service.settings import TierSettings
-from service.telemetry import Metrics
-from service.tiers import TierPool
 from tests.conftest import answer, fake_settings
 from tests.test_probes import HiddenFake, probe_file
 

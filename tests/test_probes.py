@@ -14,9 +14,9 @@ import pytest
 
 from service.backends.base import HiddenStates, Prompt
 from service.backends.fake import FakeBackend, Script
+from service.decision.ood import OodGuard
+from service.decision.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeMismatchError, ProbeSet
 from service.errors import BackendError, ConfigurationError
-from service.ood import OodGuard
-from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeMismatchError, ProbeSet
 from service.settings import TierSettings
 from tests.conftest import answer, fake_app, sample_request
 
@@ -171,7 +171,7 @@ async def test_a_probe_can_read_the_mean_over_the_proposed_action(tmp_path: Path
     """decision_read = action_mean: the backend is asked for the action's span and the
     decision probe and its guard read its mean (HiddenFake's mean is the last token's
     negative, so a probe reading the wrong rows would allow the rm -rf)."""
-    from service.prompt import ACTION_SPAN
+    from service.decision.prompt import ACTION_SPAN
 
     path = action_mean_probe_file(tmp_path)
     edge = HiddenFake(scripts=[Script(answer("deny", rationale="It wipes every home folder."))])
@@ -202,7 +202,7 @@ async def test_an_action_mean_probe_allows_without_reading_the_roll_call(
 ) -> None:
     """An allow needs no citation: the prefill stops at the roll-call's header, and the
     rationale is generated on the prompt without the roll-call."""
-    from service.prompt import ACTION_SPAN
+    from service.decision.prompt import ACTION_SPAN
 
     path = action_mean_probe_file(tmp_path)
     edge = HiddenFake(scripts=[Script(answer("allow", rationale="It only reads sizes."))])
@@ -222,7 +222,7 @@ async def test_an_action_mean_probe_allows_without_reading_the_roll_call(
 def _with_items(path: Path, read: str = "last", threshold: float = 0.5) -> None:
     """Give the probe file an item probe that knows sample_request's two items: R1 applies
     when dimension 0 of the decision's vector is high, T1 when it is low."""
-    from service.probes import ItemProbe, evidence_digest
+    from service.decision.probes import ItemProbe, evidence_digest
     from service.schemas import EvaluateRequest
 
     request = EvaluateRequest.model_validate(sample_request())
@@ -250,7 +250,7 @@ async def test_the_item_probe_cites_the_pack_from_the_decision_vector(tmp_path: 
     """An item probe that knows every item in the prompt cites from the decision's vector
     (R1 here), not from the roll-call (where HiddenFake makes T1 apply); an action-mean probe
     with one then denies after a single prefill that stops before the roll-call."""
-    from service.prompt import PROFILE_HEADER, ROLL_CALL_HEADER
+    from service.decision.prompt import PROFILE_HEADER, ROLL_CALL_HEADER
 
     for read in ("last", "action_mean"):
         path = probe_file(tmp_path)
@@ -406,8 +406,8 @@ def test_probe_round_trips_and_calibrates() -> None:
 @pytest.fixture(scope="module")
 def smol() -> Any:
     from service.backends.llama_cpp import LlamaCppBackend
+    from service.ops.weights import ModelStore
     from service.settings import load_settings
-    from service.weights import ModelStore
 
     name = "smollm2-135m-instruct-q4_1"
     path = ModelStore(load_settings()).resolve(name)
@@ -418,8 +418,8 @@ def smol() -> Any:
 
 
 def _built(action: str) -> Any:
+    from service.decision.prompt import build_prompt
     from service.evidence import DEFAULT_PACK, PolicyLibrary
-    from service.prompt import build_prompt
     from service.schemas import EvaluateRequest
 
     request = EvaluateRequest.model_validate(sample_request(action={"text": action}))
@@ -455,7 +455,7 @@ def test_llama_cpp_reads_hidden_states_at_the_marks(smol: Any) -> None:
     np.testing.assert_allclose(again.marks, states.marks, atol=2e-3)
     # a generation on the same prompt that follows starts from the cache
     from service.backends.base import GenerationRequest
-    from service.grammar import AnswerShape, build_constraint
+    from service.decision.grammar import AnswerShape, build_constraint
 
     shape = AnswerShape((), (), 0, rationale_chars=40, revision_chars=20)
     generation = smol.generate(
@@ -471,7 +471,7 @@ def test_llama_cpp_averages_a_span_beside_the_marks(smol: Any) -> None:
     """`span`: the mean over the tokens after the first mark's end up to the second's (the
     proposed action, then the roll-call header), read in the same prefill as the marks; with
     no second mark it runs to the prompt's end."""
-    from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER
+    from service.decision.prompt import ACTION_SPAN, ROLL_CALL_HEADER
 
     built = _built("rm -rf /home/*")
     states = smol.hidden_states(built.prompt, layers=(10, 20), marks=built.marks, span=ACTION_SPAN)
@@ -510,9 +510,9 @@ def test_llama_cpp_reads_up_to_a_mark_then_goes_on_from_the_cache(flash_attn: bo
     llama.cpp's CPU kernel rounds differently for a different batch (1-3 % of the norm; on
     the edge model P(unsafe) moved by at most 0.009 over 16 held-out requests)."""
     from service.backends.llama_cpp import LlamaCppBackend
-    from service.prompt import ACTION_SPAN, PROFILE_HEADER, ROLL_CALL_HEADER
+    from service.decision.prompt import ACTION_SPAN, PROFILE_HEADER, ROLL_CALL_HEADER
+    from service.ops.weights import ModelStore
     from service.settings import load_settings
-    from service.weights import ModelStore
 
     name = "smollm2-135m-instruct-q4_1"
     path = ModelStore(load_settings()).resolve(name)
@@ -573,7 +573,7 @@ def test_llama_cpp_reads_up_to_a_mark_then_goes_on_from_the_cache(flash_attn: bo
 
 
 def test_the_generation_prompt_drops_only_the_roll_call() -> None:
-    from service.prompt import ROLL_CALL_HEADER
+    from service.decision.prompt import ROLL_CALL_HEADER
 
     built = _built("rm -rf /home/*")
     plain = built.without_roll_call()

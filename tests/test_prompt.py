@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.prompt import SYSTEM_PROMPT, ContextOverflowError, build_prompt
+from service.decision.prompt import SYSTEM_PROMPT, ContextOverflowError, build_prompt
 from service.schemas import EvaluateRequest, RuleEvidence
 from tests.conftest import sample_request
 

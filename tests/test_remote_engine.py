@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from service.app import create_app
+from service.ops.weights import ModelStore
 from service.settings import TierSettings, load_settings
-from service.weights import ModelStore
 from tests.conftest import fake_settings, running_app, sample_request
 from tests.realserver import SlotWatch, llama_server, llama_server_binary
 

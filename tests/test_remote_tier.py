@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.backends.fake import FakeBackend, Script
 from service.backends.replicas import ReplicaSet
-from service.routing import LatencyModel
+from service.decision.routing import LatencyModel
 from service.settings import TierSettings
 from tests.conftest import answer, fake_settings, running_app, sample_request
 from tests.scripted_engine import Reply, content_events, scripted_engines

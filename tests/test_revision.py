@@ -1,4 +1,4 @@
-"""The shape of a revision (service/revision.py): its grammar holds any logits to a call of
+"""The shape of a revision (service/decision/revision.py): its grammar holds any logits to a call of
 the same tool with a subset of the original's keys, its parser refuses anything else, and its
 prompt extends the judge's conversation."""
 
@@ -12,8 +12,13 @@ import pytest
 
 from service.backends.base import ChatMessage, Prompt
 from service.backends.guidance import GuidanceLogitsProcessor, TokenMask
-from service.reviser import unsafe_verdict
-from service.revision import InvalidRevisionError, parse_revision, plan_revision, revision_prompt
+from service.decision.reviser import unsafe_verdict
+from service.decision.revision import (
+    InvalidRevisionError,
+    parse_revision,
+    plan_revision,
+    revision_prompt,
+)
 from service.schemas import Decision, RuleEvidence, TextAction, ToolAction
 from tests.test_guidance import vocab
 

@@ -8,7 +8,7 @@ import time
 
 from service.app import create_app
 from service.backends.fake import FakeBackend, Script
-from service.routing import LatencyModel, RouteKind, TierView, choose_route
+from service.decision.routing import LatencyModel, RouteKind, TierView, choose_route
 from tests.conftest import answer, fake_settings, running_app, sample_request
 
 

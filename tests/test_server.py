@@ -74,5 +74,5 @@ async def test_qwen_edge_server_answers_the_readme_example() -> None:
         )
         assert answer.tier == "edge" and answer.model == "qwen2.5-coder-0.5b-instruct-q4_k_m"
         assert answer.decision != "allow"  # deleting a home folder is not allowed
-    # SIGTERM drains and stops the server with status 0 (service/server.py)
+    # SIGTERM drains and stops the server with status 0 (service/cli/serve.py)
     assert proc.returncode == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigurationError, ModelStoreError
+from service.ops.weights import ModelStore
 from service.settings import DEFAULT_CONFIG, ModelSource, Settings, TierSettings, load_settings
-from service.weights import ModelStore
 
 
 def test_default_config_defines_the_three_roles() -> None:

@@ -1,5 +1,5 @@
 # ruff: noqa: RUF001, RUF003 (look-alike letters are what this file tests)
-"""The tripwire (service.injection): judge-directed text is found wherever it sits and however
+"""The tripwire (service.guards.injection): judge-directed text is found wherever it sits and however
 it is spelt; ordinary agent text, including injections aimed at the *agent*, is not; and a
 request carrying it is never allowed or revised, on every path, with the signal in the
 response, the metrics and the log."""
@@ -16,7 +16,7 @@ import pytest
 from benchmarks.injection import INJECTIONS, PLACES, inject, tripwire_lines
 from benchmarks.records import load_records
 from service.backends.fake import FakeBackend, Script
-from service.injection import fold, scan, signals_in
+from service.guards.injection import fold, scan, signals_in
 from service.schemas import EvaluateRequest
 from tests.conftest import SHARED_DATA, answer, fake_app, sample_request
 

@@ -1,5 +1,5 @@
 """Probe training (issue #9): the pipeline that writes models/probes/<model>.json, which the
-service reads at run time (service/probes.py). One module per step, each importing only the
+service reads at run time (service/decision/probes.py). One module per step, each importing only the
 steps before it:
 
 - `features`: the probe prompt, one prefill reading hidden states, the feature cache;

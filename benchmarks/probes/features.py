@@ -19,13 +19,13 @@ from benchmarks.quality import gold_ids
 from benchmarks.records import Record, load_records, split
 from service.backends.base import HiddenStates
 from service.backends.llama_cpp import LlamaCppBackend
+from service.decision.grammar import DECISIONS
+from service.decision.probes import PROBE_PROMPT_VERSION
+from service.decision.prompt import ACTION_SPAN, ROLL_CALL_HEADER, BuiltPrompt, build_prompt
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
-from service.grammar import DECISIONS
-from service.probes import PROBE_PROMPT_VERSION
-from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER, BuiltPrompt, build_prompt
+from service.ops.weights import ModelStore, model_sha256
 from service.schemas import EvaluateRequest, EvidenceItem
 from service.settings import Settings, load_settings
-from service.weights import ModelStore, model_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 FEATURES = Path.home() / ".cache" / "gatekeeper" / "features"

@@ -15,8 +15,8 @@ from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks.records import Record
+from service.decision.probes import ItemProbe, LinearProbe, cite, evidence_digest
 from service.evidence import PolicyPack
-from service.probes import ItemProbe, LinearProbe, cite, evidence_digest
 
 C_GRID = (0.001, 0.01, 0.1, 1.0)
 FOLDS = 5

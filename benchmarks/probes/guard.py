@@ -1,4 +1,4 @@
-"""The probe's out-of-distribution guard (service/ood.py): fit it on the tuning part's cached
+"""The probe's out-of-distribution guard (service/decision/ood.py): fit it on the tuning part's cached
 features, choose its thresholds by measurement, and score the guarded probe on the reporting
 part, with generation deciding where the probe abstains.
 
@@ -31,9 +31,9 @@ from benchmarks import sanity_actions
 from benchmarks.probes.features import ROOT, decision_rows, load_features, tier_model
 from benchmarks.probes.fit import FOLDS, profile_groups
 from benchmarks.records import load_records, split
+from service.decision.ood import OodGuard
+from service.decision.probes import PROBE_FORMAT, LinearProbe, ProbeSet
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.ood import OodGuard
-from service.probes import PROBE_FORMAT, LinearProbe, ProbeSet
 from service.settings import load_settings
 
 

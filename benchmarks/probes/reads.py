@@ -36,8 +36,8 @@ from benchmarks.probes.features import (
 from benchmarks.probes.fit import C_GRID, fit_logistic, out_of_fold, profile_groups, roc_auc
 from benchmarks.quality import DEFAULT_DATA
 from benchmarks.records import Record, load_records
+from service.decision.prompt import ACTION_SPAN, ROLL_CALL_HEADER
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.prompt import ACTION_SPAN, ROLL_CALL_HEADER
 from service.settings import load_settings
 
 TRAIN = ("probe-actions-train-a", "probe-actions-train-b")

@@ -17,8 +17,8 @@ from benchmarks.probes.fit import ece, evidence_prf, roc_auc
 from benchmarks.probes.guard import inside
 from benchmarks.quality import gold_ids
 from benchmarks.records import Record, load_records, split
+from service.decision.probes import ProbeSet, cite
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
-from service.probes import ProbeSet, cite
 from service.settings import load_settings
 
 

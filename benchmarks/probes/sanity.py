@@ -19,11 +19,11 @@ from benchmarks.action_sets import named_set, set_label
 from benchmarks.probes.features import ROOT, probe_prompt, tier_model
 from benchmarks.sanity_actions import SANITY, SANITY_FRESH
 from service.backends.base import HiddenStateReader
+from service.decision.ood import OodGuard
+from service.decision.probe_path import probe_decision
+from service.decision.probes import ProbeSet
+from service.decision.prompt import BuiltPrompt
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.ood import OodGuard
-from service.probe_path import probe_decision
-from service.probes import ProbeSet
-from service.prompt import BuiltPrompt
 from service.schemas import EvaluateRequest
 from service.settings import load_settings
 

@@ -38,8 +38,8 @@ from benchmarks.probes.fit import (
 )
 from benchmarks.probes.guard import fit_guard_cv
 from benchmarks.records import Record, load_records, split
+from service.decision.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, cite
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
-from service.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, cite
 from service.settings import load_settings
 
 

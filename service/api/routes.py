@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.auth import Authenticator
-from service.pipeline import Gatekeeper
+from service.api.serving import DecisionService
+from service.decision.pipeline import Gatekeeper
+from service.ops.auth import Authenticator
 from service.schemas import (
     ErrorResponse,
     EvaluateRequest,
@@ -18,7 +19,6 @@ from service.schemas import (
     HealthResponse,
     ReadyResponse,
 )
-from service.serving import DecisionService
 
 
 def get_gatekeeper(request: Request) -> Gatekeeper:

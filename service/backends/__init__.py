@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from service.backends.base import Backend
 from service.errors import ConfigurationError
+from service.ops.weights import ModelStore
 from service.settings import TierSettings
-from service.weights import ModelStore
 
 # A factory gets the tier's settings and the GGUF store (for the engines that run a local GGUF).
 BackendFactory = Callable[[TierSettings, ModelStore], Backend]

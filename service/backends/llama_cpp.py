@@ -44,7 +44,7 @@ from service.errors import (
     BackendUnavailableError,
     EngineMissingError,
 )
-from service.weights import model_sha256
+from service.ops.weights import model_sha256
 
 try:  # an import guard: a missing engine must not break the other backends
     import llama_cpp

@@ -7,7 +7,7 @@ import json
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from service.grammar import AnswerShape
+from service.decision.grammar import AnswerShape
 from service.schemas import Decision
 
 

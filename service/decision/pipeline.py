@@ -1,7 +1,7 @@
 """The decision pipeline, framework-free: the HTTP API, the CLI and the benchmarks all call
 `Gatekeeper`. A request is admitted once (client errors, its id, its `Budget`), then routed to
-a tier, read there (service.attempts, service.probe_path), perhaps escalated and revised, and
-answered (service.answers). Every fault on the decision path ends in a fail-closed answer."""
+a tier, read there (service.decision.generation, service.decision.probe_path), perhaps escalated and revised, and
+answered (service.decision.answers). Every fault on the decision path ends in a fail-closed answer."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from service import answers
-from service.attempts import FailClosed, Outcome
-from service.budget import Admission, Budget
+from service.decision import answers
+from service.decision.budget import Admission, Budget
+from service.decision.generation import FailClosed, Outcome
+from service.decision.prompt import estimate_prompt_tokens
+from service.decision.revision import RevisionAttempt, RevisionOutcome
+from service.decision.routing import Route, RouteKind, TierView, choose_route
+from service.decision.runner import RESPONSE_RESERVE_S, ReviseStep, TierRunner
+from service.decision.tiers import Tier, TierPool
 from service.evidence import DEFAULT_PACK, PolicyLibrary
-from service.injection import scan
-from service.prompt import estimate_prompt_tokens
-from service.revision import RevisionAttempt, RevisionOutcome
-from service.routing import Route, RouteKind, TierView, choose_route
-from service.runner import RESPONSE_RESERVE_S, ReviseStep, TierRunner
+from service.guards.injection import scan
+from service.ops.telemetry import Metrics
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -28,8 +30,6 @@ from service.schemas import (
     RouteInfo,
 )
 from service.settings import Settings
-from service.telemetry import Metrics
-from service.tiers import Tier, TierPool
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Gatekeeper:
         )
 
     def _scan(self, request: EvaluateRequest) -> list[InjectionSignal]:
-        """The tripwire (service.injection): what it finds caps the decision in the answer."""
+        """The tripwire (service.guards.injection): what it finds caps the decision in the answer."""
         signals = scan(request) if self.settings.injection_tripwire else []
         for signal in signals:
             place = signal.place.split("[", 1)[0]

@@ -10,7 +10,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.drain import Drain
+from service.ops.drain import Drain
 from service.settings import Settings
 
 # Time, past the drain's grace, for the last fail-closed answers to be written out before

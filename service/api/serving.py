@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from service.audit import DecisionLog, DecisionRecord
-from service.drain import Drain
-from service.logs import request_context
-from service.pipeline import Gatekeeper
+from service.decision.pipeline import Gatekeeper
+from service.ops.audit import DecisionLog, DecisionRecord
+from service.ops.drain import Drain
+from service.ops.logs import request_context
 from service.schemas import DegradedReason, EvaluateRequest, EvaluateResponse
 
 logger = logging.getLogger(__name__)

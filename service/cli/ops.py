@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from service.audit import AuditQuery, read_decisions
+    from service.ops.audit import AuditQuery, read_decisions
     from service.settings import load_settings
 
     path: Path = args.path or load_settings(args.config).audit.path
@@ -43,7 +43,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from service.auth import new_token, token_sha256
+    from service.ops.auth import new_token, token_sha256
 
     token = new_token()
     digest = token_sha256(token)

@@ -14,14 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.attempts import (
-    FailClosed,
-    LoopFailure,
-    Outcome,
-    build_on_tier,
-    generate_answer,
-    run_on_tier,
-)
 from service.backends.base import (
     ChoicePolicy,
     Finish,
@@ -29,16 +21,24 @@ from service.backends.base import (
     HiddenStateReader,
     HiddenStates,
 )
+from service.decision.generation import (
+    FailClosed,
+    LoopFailure,
+    Outcome,
+    build_on_tier,
+    generate_answer,
+    run_on_tier,
+)
+from service.decision.grammar import AnswerShape
+from service.decision.ood import GuardReading
+from service.decision.probes import ProbeSet, cite
+from service.decision.prompt import PROFILE_HEADER, ROLL_CALL_HEADER, BuiltPrompt
+from service.decision.tiers import Tier
+from service.decision.verify import ModelAnswer
 from service.errors import BackendDeadlineError, BackendError
-from service.grammar import AnswerShape
-from service.ood import GuardReading
-from service.probes import ProbeSet, cite
-from service.prompt import PROFILE_HEADER, ROLL_CALL_HEADER, BuiltPrompt
+from service.ops.telemetry import Metrics
 from service.schemas import Decision, DegradedReason, EvaluateRequest, EvidenceItem
 from service.settings import Settings
-from service.telemetry import Metrics
-from service.tiers import Tier
-from service.verify import ModelAnswer
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,10 @@ from service.backends.base import (
     HiddenStateReader,
     Prompt,
 )
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.probes import ProbeMismatchError, ProbeSet
+from service.decision.prompt import SYSTEM_PROMPT, estimate_tokens
+from service.decision.routing import LatencyModel
 from service.errors import (
     ConfigurationError,
     EngineMissingError,
@@ -34,14 +38,10 @@ from service.errors import (
     ModelMissingError,
     UnknownTierError,
 )
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.probes import ProbeMismatchError, ProbeSet
-from service.prompt import SYSTEM_PROMPT, estimate_tokens
-from service.routing import LatencyModel
+from service.ops.telemetry import Metrics
+from service.ops.weights import ModelStore
 from service.schemas import TierStatus
 from service.settings import Settings, TierSettings
-from service.telemetry import Metrics
-from service.weights import ModelStore
 
 logger = logging.getLogger(__name__)
 

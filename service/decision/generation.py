@@ -17,19 +17,22 @@ from service.backends.base import (
     Generation,
     GenerationRequest,
 )
+from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
+from service.decision.prompt import (
+    BuiltPrompt,
+    ContextOverflowError,
+    build_prompt,
+)
+from service.decision.revision import RevisionAttempt
+from service.decision.tiers import Tier
+from service.decision.verify import InvalidAnswerError, ModelAnswer, is_complete, parse_answer
 from service.errors import (
     BackendError,
     BackendOverloadedError,
     ReplicaLostError,
 )
-from service.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
-from service.loops import LoopDetector, LoopVerdict
-from service.prompt import (
-    BuiltPrompt,
-    ContextOverflowError,
-    build_prompt,
-)
-from service.revision import RevisionAttempt
+from service.guards.loops import LoopDetector, LoopVerdict
+from service.ops.telemetry import Metrics
 from service.schemas import (
     DegradedReason,
     EvaluateRequest,
@@ -38,9 +41,6 @@ from service.schemas import (
     LoopReport,
 )
 from service.settings import Settings
-from service.telemetry import Metrics
-from service.tiers import Tier
-from service.verify import InvalidAnswerError, ModelAnswer, is_complete, parse_answer
 
 logger = logging.getLogger(__name__)
 

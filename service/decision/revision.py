@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from service.backends.base import ChatMessage, Constraint, Prompt
-from service.prompt import render_evidence
+from service.decision.prompt import render_evidence
 from service.schemas import (
     Decision,
     EvidenceItem,

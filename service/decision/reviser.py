@@ -1,5 +1,5 @@
 """The revision step, framework-free: after an unsafe verdict, one short generation of a
-safer action of the same shape (service.revision), then one read of it by the same judge as
+safer action of the same shape (service.decision.revision), then one read of it by the same judge as
 a new proposed action in the same context. Only a revision the judge would allow is offered.
 
 It runs on the tier's worker thread, after the decision, and knows nothing of how the
@@ -12,13 +12,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from service.attempts import FailClosed, LoopFailure, Outcome
 from service.backends.base import Finish, Generation, GenerationRequest, Prompt
-from service.errors import BackendError
-from service.injection import scan
-from service.loops import LoopDetector
-from service.prompt import estimate_tokens
-from service.revision import (
+from service.decision.generation import FailClosed, LoopFailure, Outcome
+from service.decision.prompt import estimate_tokens
+from service.decision.revision import (
     InvalidRevisionError,
     RevisionAttempt,
     RevisionOutcome,
@@ -27,6 +24,12 @@ from service.revision import (
     plan_revision,
     revision_prompt,
 )
+from service.decision.tiers import Tier
+from service.decision.verify import is_complete
+from service.errors import BackendError
+from service.guards.injection import scan
+from service.guards.loops import LoopDetector
+from service.ops.telemetry import Metrics
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -34,9 +37,6 @@ from service.schemas import (
     LoopReport,
 )
 from service.settings import Settings
-from service.telemetry import Metrics
-from service.tiers import Tier
-from service.verify import is_complete
 
 logger = logging.getLogger(__name__)
 

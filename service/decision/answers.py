@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from service.attempts import FailClosed, Outcome
 from service.backends.base import ChoicePolicy
-from service.budget import Admission
-from service.revision import RevisionAttempt
+from service.decision.budget import Admission
+from service.decision.generation import FailClosed, Outcome
+from service.decision.revision import RevisionAttempt
+from service.ops.telemetry import Metrics
 from service.schemas import (
     Decision,
     EvaluateResponse,
@@ -19,7 +20,6 @@ from service.schemas import (
     Timing,
     Usage,
 )
-from service.telemetry import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.decision.ood import OodGuard
+from service.decision.prompt import ACTION_SPAN, PROMPT_VERSION, render_evidence
 from service.errors import ConfigurationError
-from service.ood import OodGuard
-from service.prompt import ACTION_SPAN, PROMPT_VERSION, render_evidence
 from service.schemas import EvidenceItem
 
 # 2: an out-of-distribution guard is part of the file (format 1 had none, and is refused)
@@ -170,7 +170,7 @@ class ProbeSet:
     trained: dict[str, Any]  # how and on what it was trained, and its figures
     guard: OodGuard
     # where the decision probe and its guard read: the prompt's last token, or the mean over
-    # the proposed action's tokens (service.prompt.ACTION_SPAN)
+    # the proposed action's tokens (service.decision.prompt.ACTION_SPAN)
     decision_read: str = "last"
     # cites the pack it was trained with from the decision's vector, without the roll-call
     items: ItemProbe | None = None

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service.cli.ops import add_ops_commands
 from service.errors import GatekeeperError
-from service.ops_commands import add_ops_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.logs import configure_logging
-    from service.server import serve
+    from service.cli.serve import serve
+    from service.ops.logs import configure_logging
     from service.settings import load_settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -44,8 +44,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from service.ops.weights import ModelStore
     from service.settings import load_settings
-    from service.weights import ModelStore
 
     settings = load_settings(args.config)
     names = list(dict.fromkeys(args.names or [t.model for t in settings.tiers.values() if t.model]))

@@ -10,12 +10,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from service.answers import decision_policy, normalised, settle
-from service.attempts import FailClosed, LoopFailure, Outcome, arun_on_tier, run_on_tier
-from service.budget import Budget
-from service.probe_path import run_probe_on_tier
-from service.reviser import revise_on_tier, unsafe_verdict
-from service.revision import RevisionAttempt, RevisionOutcome
+from service.decision.answers import decision_policy, normalised, settle
+from service.decision.budget import Budget
+from service.decision.generation import FailClosed, LoopFailure, Outcome, arun_on_tier, run_on_tier
+from service.decision.probe_path import run_probe_on_tier
+from service.decision.reviser import revise_on_tier, unsafe_verdict
+from service.decision.revision import RevisionAttempt, RevisionOutcome
+from service.decision.tiers import QueueWaitExceededError, Tier, TierPool
+from service.ops.telemetry import Metrics
 from service.schemas import (
     Decision,
     DegradedReason,
@@ -25,8 +27,6 @@ from service.schemas import (
     LoopReport,
 )
 from service.settings import Settings
-from service.telemetry import Metrics
-from service.tiers import QueueWaitExceededError, Tier, TierPool
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class TierRunner:
         signals: list[InjectionSignal],
     ) -> ReviseStep:
         """After an unsafe verdict, when the request (or its tier) asks: a safer action of the
-        same shape, read by the same judge in the same context (service.reviser). The step
+        same shape, read by the same judge in the same context (service.decision.reviser). The step
         answers at once where no revision is wanted or possible, else gives the work to run
         on the outcome's tier worker."""
 

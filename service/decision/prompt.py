@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from service.backends.base import ChatMessage, Prompt
-from service.grammar import RESPONSE_PREFIX
+from service.decision.grammar import RESPONSE_PREFIX
 from service.schemas import (
     EvaluateRequest,
     EvidenceItem,

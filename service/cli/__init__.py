@@ -1,0 +1,1 @@
+"""The `gatekeeper` console command: serve, ops commands."""
