@@ -44,6 +44,7 @@ class _Server(socketserver.ThreadingMixIn, HTTPServer):
     bodies: list[dict[str, Any]]
     healthy: bool = True  # what GET /health answers: 200, else 503
     active: int = 0  # completions being streamed now
+    polls_while_streaming: int = 0  # GETs (health checks) that arrived while one was streamed
     peak: int = 0  # the most streamed at once
     lock: threading.Lock
     connections: list[socket.socket]
@@ -67,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.polls_while_streaming += self.server.active > 0
         body = b'{"object": "list", "data": [{"id": "scripted"}]}'
         self.send_response(200 if self.server.healthy else 503)
         self.send_header("content-type", "application/json")
@@ -148,6 +151,10 @@ class ScriptedEngine:
     @property
     def peak(self) -> int:
         return self._server.peak
+
+    @property
+    def polls_while_streaming(self) -> int:
+        return self._server.polls_while_streaming
 
     def set_healthy(self, healthy: bool) -> None:
         self._server.healthy = healthy

@@ -15,7 +15,7 @@ from service.backends.base import ChatMessage, Finish, GenerationRequest, Prompt
 from service.backends.openai import OpenAICompatibleBackend
 from service.decision.grammar import RESPONSE_PREFIX, AnswerShape, build_constraint
 from service.decision.verify import parse_answer
-from service.errors import BackendError, BackendOverloadedError
+from service.errors import BackendError, BackendOverloadedError, ReplicaLostError
 from tests.realserver import free_port
 from tests.scripted_engine import Reply, content_events, scripted_engine
 
@@ -167,6 +167,19 @@ def test_engine_faults_become_backend_errors(
         backend = _loaded(url, backend_for)
         with pytest.raises(BackendError, match=message):
             backend.generate(_request())
+
+
+def test_an_answer_the_engine_cut_short_is_a_lost_replica_not_an_invalid_output(
+    backend_for: list[OpenAICompatibleBackend],
+) -> None:
+    # llama-cpp-python's server, when another request reaches it mid-stream: [DONE] with no
+    # finish reason. The pipeline resends a ReplicaLostError with a fresh loop detector.
+    cut = Reply(content_events(PIECES[:6], finish=None))
+    with scripted_engine(cut) as (url, _):
+        backend = _loaded(url, backend_for)
+        with pytest.raises(ReplicaLostError, match="no finish reason"):
+            backend.generate(_request())
+        assert backend.health()  # it answered: it stays in
 
 
 def test_a_proxy_error_is_retried_then_answered(

@@ -164,6 +164,17 @@ async def _evaluate_many(client: Any, count: int, **request: Any) -> list[dict[s
     return [r.json() for r in responses]
 
 
+async def test_a_replica_streaming_an_answer_is_not_polled() -> None:
+    # a poll can break the stream it interrupts (llama-cpp-python's server drops a stream when
+    # any other request arrives); the answer streaming is itself the sign the replica is up
+    with scripted_engines(SLOW) as (engine,):
+        async with running_app(_app(_remote([engine.url], health_interval_s=0.02))) as client:
+            [body] = await _evaluate_many(client, 1, tier="strategic")
+            await asyncio.sleep(0.1)  # idle again: polled again
+        assert body["decision"] == "deny" and not body["degraded"]
+        assert engine.polls_while_streaming == 0
+
+
 async def test_eight_requests_overlap_on_the_engine_and_the_serial_path_does_not() -> None:
     with scripted_engines(SLOW) as (engine,):
         app = _app(_remote([engine.url]))

@@ -287,7 +287,7 @@ class OpenAICompatibleBackend:
                     watchdog.cancel()
         except httpx.HTTPError as exc:
             self._transport_error(replica, reader, exc, answered)
-        return reader.generation(body, start, concurrency=concurrency)
+        return self._finished(replica, reader, body, start, concurrency)
 
     def _transport_error(
         self, replica: Replica, reader: StreamReader, exc: httpx.HTTPError, answered: bool
@@ -351,6 +351,25 @@ class OpenAICompatibleBackend:
             self._stalled(replica, reader, answered)
         except httpx.HTTPError as exc:
             self._transport_error(replica, reader, exc, answered)
+        return self._finished(replica, reader, body, start, concurrency)
+
+    def _finished(
+        self,
+        replica: Replica,
+        reader: StreamReader,
+        body: dict[str, Any],
+        start: float,
+        concurrency: int,
+    ) -> Generation:
+        """The answer, unless the engine cut it short: then it is resent like one from a lost
+        replica (with a fresh loop detector), not verified as if the model had stopped there.
+        The replica stays in: it answered, it only dropped this stream."""
+        if reader.cut_short:
+            logger.warning("engine replica %s ended an answer with no finish reason", replica.url)
+            raise ReplicaLostError(
+                f"the engine ended the answer after {reader.state.count} pieces with no finish "
+                "reason (llama-cpp-python's server: run it with --interrupt_requests False)"
+            )
         return reader.generation(body, start, concurrency=concurrency)
 
     # ---- health -----------------------------------------------------------------------
@@ -372,8 +391,12 @@ class OpenAICompatibleBackend:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._health_interval_s)
-            results = await asyncio.gather(*(self.check(r) for r in self.replicas.replicas))
-            for replica, (ok, definite) in zip(self.replicas.replicas, results, strict=True):
+            # A replica streaming an answer shows it is up; it is not polled, because a poll can
+            # break that stream (llama-cpp-python's server drops a stream when any other request
+            # arrives). A stream that fails or stalls ejects its replica on its own.
+            idle = [r for r in self.replicas.replicas if r.in_flight == 0]
+            results = await asyncio.gather(*(self.check(r) for r in idle))
+            for replica, (ok, definite) in zip(idle, results, strict=True):
                 self.replicas.health(replica, ok, definite=definite)
 
     def health(self) -> bool:

@@ -147,6 +147,20 @@ class StreamReader:
             return True
         return False
 
+    @property
+    def cut_short(self) -> bool:
+        """The stream ended with no finish reason, not because the reader stopped it, and
+        what came is not a whole JSON value: the engine dropped the answer part-way
+        (llama-cpp-python's server does this to a stream when any other request reaches it,
+        unless it runs with `--interrupt_requests False`)."""
+        if self.state.finish is not None:
+            return False
+        try:
+            json.loads(self.state.raw, strict=False)
+        except ValueError:
+            return True
+        return False
+
     def generation(self, body: dict[str, Any], start: float, *, concurrency: int = 1) -> Generation:
         """The answer as the backends report it; `start` is when the request left."""
         end = time.monotonic()
