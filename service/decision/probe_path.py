@@ -229,6 +229,41 @@ def _probe_answer(probes: ProbeSet, read: ProbeRead, cited: list[str]) -> ModelA
     )
 
 
+def _note_abstention(tier: Tier, read: ProbeRead, metrics: Metrics) -> None:
+    metrics.probe_abstentions.labels(tier.name).inc()
+    logger.info(
+        "probe on %s abstains (distance %.1f, residual %.1f, score %.1f): generation decides",
+        tier.name,
+        read.guard.distance,
+        read.guard.residual,
+        read.score,
+    )
+
+
+def _probe_outcome(
+    tier: Tier,
+    probes: ProbeSet,
+    built: BuiltPrompt,
+    read: ProbeRead,
+    cited: list[str],
+    queue_s: float,
+) -> Outcome:
+    """The probe's decision as the tier's outcome, its P(unsafe) as the choice probabilities."""
+    read.prefill.choice_probs = {
+        Decision.ALLOW.value: 1.0 - read.p_unsafe,
+        Decision.DENY.value: read.p_unsafe,
+    }
+    return Outcome(
+        tier,
+        _probe_answer(probes, read, cited),
+        built,
+        read.prefill,
+        queue_s,
+        decided_by="probe",
+        allow_at=1 - probes.allow_below,
+    )
+
+
 def run_probe_on_tier(
     tier: Tier,
     request: EvaluateRequest,
@@ -255,14 +290,7 @@ def run_probe_on_tier(
         tier.observe(read.prefill)  # would learn too low a cost for the requests that generate
     metrics.tokens.labels(tier.name, "prompt").inc(read.prefill.prompt_tokens)
     if read.abstains:  # step 2: generation decides
-        metrics.probe_abstentions.labels(tier.name).inc()
-        logger.info(
-            "probe on %s abstains (distance %.1f, residual %.1f, score %.1f): generation decides",
-            tier.name,
-            read.guard.distance,
-            read.guard.residual,
-            read.score,
-        )
+        _note_abstention(tier, read, metrics)
         return run_on_tier(
             tier,
             request,
@@ -274,19 +302,7 @@ def run_probe_on_tier(
             metrics=metrics,
             max_prompt_tokens=max_prompt_tokens,
         )
-    read.prefill.choice_probs = {
-        Decision.ALLOW.value: 1.0 - read.p_unsafe,
-        Decision.DENY.value: read.p_unsafe,
-    }
-    outcome = Outcome(
-        tier,
-        _probe_answer(probes, read, cited),
-        built,
-        read.prefill,
-        queue_s,
-        decided_by="probe",
-        allow_at=1 - probes.allow_below,
-    )
+    outcome = _probe_outcome(tier, probes, built, read, cited, queue_s)
     q = settings.latency_quantile
     rationale_s = tier.predict(0, explain=True, quantile=q, rationale_only=True, queued=False)
     if not request.explain or time.monotonic() + rationale_s >= deadline:

@@ -240,6 +240,43 @@ class ContextOverflowError(Exception):
     """The proposed action alone does not fit the context: it is never cut."""
 
 
+def _fit(
+    fixed: int, examples: int, ev_cost: list[int], turn_cost: list[int], max_prompt_tokens: int
+) -> tuple[int, int, int]:
+    """What fits in `max_prompt_tokens` beside the `fixed` part: the worked examples' tokens
+    (0 once dropped), how many evidence items to keep, and the first history turn kept."""
+    keep_ev, first_turn = len(ev_cost), 0
+    while (
+        fixed + examples + sum(ev_cost[:keep_ev]) + sum(turn_cost[first_turn:]) > max_prompt_tokens
+    ):
+        if examples:  # the case's own text matters more than worked examples
+            examples = 0
+        elif first_turn < len(turn_cost):
+            first_turn += 1
+        elif keep_ev > 0:
+            keep_ev -= 1
+        else:  # unreachable: fixed alone fits
+            break
+    return examples, keep_ev, first_turn
+
+
+def _user_message(
+    head: list[str], action: str, ev_lines: list[str], turns: list[str], marks: tuple[str, ...]
+) -> ChatMessage:
+    """The user turn: the evidence kept, the profile and goal, the history kept, the action,
+    and the roll-call."""
+    sections = []
+    if ev_lines:
+        sections.append(f"{_MARK}Evidence\n" + "\n".join(ev_lines))
+    sections += head
+    if turns:
+        sections.append(f"{_MARK}History\n" + "\n".join(turns))
+    sections.append(action)
+    if marks:
+        sections.append(ROLL_CALL_HEADER + "\n" + "\n".join(marks))
+    return ChatMessage("user", "\n\n".join(sections))
+
+
 def build_prompt(
     request: EvaluateRequest,
     evidence: list[EvidenceItem],
@@ -276,31 +313,9 @@ def build_prompt(
         for i, line in enumerate(ev_lines)
     ]
     turn_cost = [count_tokens(line) + 1 for line in turns]
-    keep_ev, first_turn = len(ev_lines), 0
-    while (
-        fixed + examples + sum(ev_cost[:keep_ev]) + sum(turn_cost[first_turn:]) > max_prompt_tokens
-    ):
-        if examples:  # the case's own text matters more than worked examples
-            examples = 0
-        elif first_turn < len(turns):
-            first_turn += 1
-        elif keep_ev > 0:
-            keep_ev -= 1
-        else:  # unreachable: fixed alone fits
-            break
-
-    sections = []
-    if keep_ev:
-        sections.append(f"{_MARK}Evidence\n" + "\n".join(ev_lines[:keep_ev]))
-    sections += head
-    kept_turns = turns[first_turn:]
-    if kept_turns:
-        sections.append(f"{_MARK}History\n" + "\n".join(kept_turns))
-    sections.append(action)
+    examples, keep_ev, first_turn = _fit(fixed, examples, ev_cost, turn_cost, max_prompt_tokens)
     marks = tuple(calls[:keep_ev])
-    if marks:
-        sections.append(ROLL_CALL_HEADER + "\n" + "\n".join(marks))
-    user = ChatMessage("user", "\n\n".join(sections))
+    user = _user_message(head, action, ev_lines[:keep_ev], turns[first_turn:], marks)
     dropped = Trimmed(history_turns=first_turn, evidence_items=len(ev_lines) - keep_ev)
     return BuiltPrompt(
         prompt=Prompt(
