@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from service.backends.base import Finish, Generation, GenerationRequest, TokenHook
-from service.backends.openai_stream import CHARS_PER_TOKEN, StreamReader
+from service.backends.openai_stream import CHARS_PER_TOKEN, StreamReader, chat_body
 from service.backends.replicas import Replica, ReplicaSet
 from service.errors import (
     BackendError,
@@ -168,31 +168,7 @@ class OpenAICompatibleBackend:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.prompt.messages],
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "seed": request.seed,
-            "presence_penalty": request.presence_penalty,
-            "frequency_penalty": request.frequency_penalty,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        schema = request.constraint.schema
-        if self._response_format == "json_object":  # llama-cpp-python's form
-            body["response_format"] = {"type": "json_object", "schema": schema}
-        else:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "gatekeeper_answer", "strict": True, "schema": schema},
-            }
-        if request.repeat_penalty != 1.0:
-            body["repeat_penalty"] = request.repeat_penalty  # llama.cpp and vLLM extension
-        if self._top_logprobs and request.constraint.choices:
-            body["logprobs"] = True
-            body["top_logprobs"] = self._top_logprobs
-        return body
+        return chat_body(self.model, request, self._response_format, self._top_logprobs)
 
     def _timeout(self, deadline: float) -> httpx.Timeout:
         left = max(deadline - time.monotonic(), 0.001)

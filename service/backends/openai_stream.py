@@ -1,7 +1,8 @@
-"""Reading an OpenAI-compatible chat stream (server-sent events): the pieces after the
-answer's opening go to the token hook, the decision's probabilities are read from the
-log-probabilities, and the stream stops at the hook, the deadline or max_tokens. Pure logic,
-shared by the synchronous and the asynchronous transport of `service/backends/openai.py`."""
+"""The wire format of an OpenAI-compatible chat engine: the request body, and the stream
+that answers it (server-sent events). The pieces after the answer's opening go to the token
+hook, the decision's probabilities are read from the log-probabilities, and the stream stops at
+the hook, the deadline or max_tokens. Pure logic, shared by the synchronous and the
+asynchronous transport of `service/backends/openai.py`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,38 @@ _OPENING_MAX = 64  # characters; an engine that writes something else is not wai
 # Chat engines take no tokenizer call that all of them share; a conservative estimate keeps
 # prompts inside the context (English runs ~4 characters per token in these tokenizers).
 CHARS_PER_TOKEN = 3.0
+
+
+def chat_body(
+    model: str, request: GenerationRequest, response_format: str, top_logprobs: int
+) -> dict[str, Any]:
+    """The chat-completions request: streamed, the constraint as `response_format` (the
+    OpenAI `json_schema` form, or llama-cpp-python's `json_object` with a schema)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.prompt.messages],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "seed": request.seed,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    schema = request.constraint.schema
+    if response_format == "json_object":  # llama-cpp-python's form
+        body["response_format"] = {"type": "json_object", "schema": schema}
+    else:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "gatekeeper_answer", "strict": True, "schema": schema},
+        }
+    if request.repeat_penalty != 1.0:
+        body["repeat_penalty"] = request.repeat_penalty  # llama.cpp and vLLM extension
+    if top_logprobs and request.constraint.choices:
+        body["logprobs"] = True
+        body["top_logprobs"] = top_logprobs
+    return body
 
 
 class StreamState:
