@@ -6,7 +6,7 @@ a random draw: some real text before it, then copies of a unit (one sentence, tw
 a word cycle, "Step N: <sentence>", ...). The loop's second period ends where the unit's second
 copy ends; `delay` counts the tokens fed after that until the detector fires, as in
 `benchmarks.loop_bench`. Tokens are the edge model's (Qwen2.5-Coder), decoded one at a time
-with `service.backends.llama_cpp.token_bytes` as the backend does, and a JSON answer is fed
+with `service.backends.llama_decode.token_bytes` as the backend does, and a JSON answer is fed
 after the service's own `RESPONSE_PREFIX`.
 """
 
@@ -92,7 +92,7 @@ class Vocabulary:
 
     def pieces(self, text: str) -> list[tuple[int, str]]:
         """Token ids and text pieces, decoded one token at a time as the backend does."""
-        from service.backends.llama_cpp import token_bytes
+        from service.backends.llama_decode import token_bytes
 
         ids = self._llm.tokenize(text.encode(), add_bos=False, special=False)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -7,11 +7,8 @@ completion, never a silently guessed template."""
 
 from __future__ import annotations
 
-import codecs
-import ctypes
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +35,24 @@ from service.backends.guidance import (
     llama_cpp_tokenizer,
     require_guidance,
 )
+from service.backends.llama_decode import (
+    ChoiceReader,
+    Decoding,
+    decode,
+    token_bytes,
+    token_stream,
+)
+from service.backends.llama_hidden import (
+    Capture,
+    HiddenRead,
+    cached_prefix,
+    capture_for,
+    choice_probs,
+    hidden_states_of,
+    install_eval_callback,
+    mark_positions,
+    plan_read,
+)
 from service.errors import (
     BackendDeadlineError,
     BackendError,
@@ -48,10 +63,7 @@ from service.ops.weights import model_sha256
 
 try:  # an import guard: a missing engine must not break the other backends
     import llama_cpp
-    import numpy as np
-    from llama_cpp import Llama, LogitsProcessorList, StoppingCriteriaList
-    from llama_cpp import _internals as llama_internals
-    from llama_cpp._ggml import libggml
+    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from llama_cpp.llama_grammar import LlamaGrammar
 
@@ -60,59 +72,6 @@ except ImportError as exc:  # pragma: no cover - exercised only where llama-cpp-
     _ENGINE_ERROR = str(exc)
 
 logger = logging.getLogger(__name__)
-
-
-def token_bytes(llm: Any, token: int, special: bool = False) -> bytes:
-    """The bytes of one token. `Llama.detokenize` decodes into a 32-byte buffer and returns
-    nothing for a longer piece, and Qwen's vocabulary has single tokens for runs of up to 128
-    blanks or dots: the served text lost them and the loop detector never saw the run."""
-    size = 64
-    while True:
-        buffer = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(
-            llm._model.vocab, llama_cpp.llama_token(token), buffer, size, 0, special
-        )
-        if n >= 0:
-            return buffer.raw[:n]
-        size = -n
-
-
-@lru_cache(maxsize=1)
-def _ggml() -> Any:
-    """The three ggml functions that read a tensor in llama.cpp's eval callback."""
-    libggml.ggml_get_name.restype = ctypes.c_char_p
-    libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
-    libggml.ggml_nbytes.restype = ctypes.c_size_t
-    libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    libggml.ggml_backend_tensor_get.restype = None
-    libggml.ggml_backend_tensor_get.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_size_t,
-    ]
-    return libggml
-
-
-@dataclass
-class _Capture:
-    """What the eval callback copies out during one prefill: for each wanted layer output
-    ("l_out-N", the residual stream after block N), the rows of the wanted positions, and the
-    sum of the rows of a span (kept as a running sum: a span may be thousands of tokens)."""
-
-    names: dict[bytes, int]  # tensor name -> row in `out`
-    positions: list[int]  # absolute token positions, in the order of `out`'s second axis
-    start: int  # absolute position of the first evaluated token
-    n_embd: int
-    span: tuple[int, int] = (0, 0)  # absolute positions [first, end) to sum
-    stop_row: int = -1  # once armed, the forward pass stops after this layer row is read
-    out: Any = None
-    span_sum: Any = None  # (layers, n_embd)
-    seen: dict[int, int] = field(default_factory=dict)  # layer row -> tokens seen so far
-
-    def __post_init__(self) -> None:
-        self.out = np.zeros((len(self.names), len(self.positions), self.n_embd), np.float32)
-        self.span_sum = np.zeros((len(self.names), self.n_embd), np.float64)
 
 
 @lru_cache(maxsize=64)
@@ -161,7 +120,7 @@ class LlamaCppBackend:
         self._read_hidden = hidden_states
         self._sha256 = sha256
         self._eval_cb: Any = None
-        self._capture: _Capture | None = None
+        self._capture: Capture | None = None
         self._own_ctx: Any = None
 
     @property
@@ -193,7 +152,7 @@ class LlamaCppBackend:
         if self._grammar_engine == "llguidance":
             self._grammars = GrammarCompiler(llama_cpp_tokenizer(llm._model.vocab))
         if self._read_hidden:
-            self._install_eval_callback(llm)
+            self._eval_cb, self._own_ctx = install_eval_callback(llm, lambda: self._capture)
         # Prefill cannot be interrupted from Python between tokens: llama.cpp's abort callback
         # stops it inside the graph at the deadline. It is installed only during prefill,
         # because ggml calls it for every graph node.
@@ -201,44 +160,6 @@ class LlamaCppBackend:
             lambda _data: time.monotonic() >= self._abort_at
         )
         logger.info("loaded %s from %s (chat template: %s)", self.model, self._path, bool(template))
-
-    def _install_eval_callback(self, llm: Any) -> None:
-        """Rebuild the context with an eval callback: llama.cpp takes it only at creation."""
-        ggml = _ggml()
-        row_bytes = 4 * llm.n_embd()
-
-        def on_tensor(tensor: int, ask: bool, _data: Any) -> bool:
-            capture = self._capture
-            if capture is None:
-                return False  # unarmed: the whole graph runs as one piece
-            row = capture.names.get(ggml.ggml_get_name(tensor))
-            if ask or row is None:
-                return row is not None
-            rows = ggml.ggml_nbytes(tensor) // row_bytes
-            first = capture.start + capture.seen.get(row, 0)
-            capture.seen[row] = capture.seen.get(row, 0) + rows
-            for j, pos in enumerate(capture.positions):
-                if first <= pos < first + rows:
-                    dst = capture.out[row, j].ctypes.data
-                    ggml.ggml_backend_tensor_get(tensor, dst, (pos - first) * row_bytes, row_bytes)
-            lo, hi = max(first, capture.span[0]), min(first + rows, capture.span[1])
-            if lo < hi:  # the span's rows in this batch are contiguous: one copy, then a sum
-                block = np.empty((hi - lo, capture.out.shape[2]), np.float32)
-                ggml.ggml_backend_tensor_get(
-                    tensor, block.ctypes.data, (lo - first) * row_bytes, (hi - lo) * row_bytes
-                )
-                capture.span_sum[row] += block.sum(axis=0)
-            # False ends the graph's computation here: the blocks above are skipped
-            return row != capture.stop_row
-
-        self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(on_tensor)
-        params = llm.context_params
-        params.cb_eval = self._eval_cb
-        params.cb_eval_user_data = None
-        ctx = llama_internals.LlamaContext(model=llm._model, params=params, verbose=False)
-        old, llm._ctx = llm._ctx, ctx
-        old.close()
-        self._own_ctx = ctx
 
     @property
     def model_sha256(self) -> str:
@@ -254,26 +175,7 @@ class LlamaCppBackend:
         if not marks:
             return []
         llm = self._require()
-        ends: list[int] = []  # byte offset, from the start of `tail`, where each token ends
-        tail = b""
-        for token in reversed(tokens):
-            tail = token_bytes(llm, token, special=True) + tail
-            ends.append(len(tail))
-            if marks[0].encode() in tail:  # the last occurrence is now in the tail
-                break
-        cuts = [len(tail) - e for e in reversed(ends)]  # token k of the tail starts at cuts[k]
-        first_tok = len(tokens) - len(cuts)
-        at = tail.rfind(marks[0].encode())
-        positions = []
-        for mark in marks:
-            found = tail.find(mark.encode(), at)
-            if found < 0 or at < 0:
-                raise BackendError(f"mark {mark!r} is not in the prompt")
-            end = found + len(mark.encode()) - 1  # the mark's last byte
-            k = max(i for i, c in enumerate(cuts) if c <= end)
-            positions.append(first_tok + k)
-            at = found + len(mark.encode())
-        return positions
+        return mark_positions(tokens, marks, lambda token: token_bytes(llm, token, special=True))
 
     def hidden_states(
         self,
@@ -306,35 +208,34 @@ class LlamaCppBackend:
             raise BackendError(f"layers must lie in 0..{last_layer - 1}, got {layers}")
         tokens = self.tokenize_prompt(prompt)
         check_fits(len(tokens), 1, self._n_ctx)
-        if until is not None:
-            (stop,) = self._mark_positions(tokens, (until,))
-            tokens = tokens[: stop + 1]
-        spanned = (0, 0)  # [first, end) token positions to average
-        if span is not None:
-            opened, *closed = self._mark_positions(tokens, tuple(m for m in span if m))
-            spanned = (opened + 1, (closed or [len(tokens) - 1])[0] + 1)
-        positions = [*self._mark_positions(tokens, marks), len(tokens) - 1]
-        cached = 0
-        for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
-            if have != want:
-                break
-            cached += 1
-        # every wanted position is evaluated again
-        cached = min(cached, *positions, *([spanned[0]] if span is not None else []))
-        deep = len(tokens)  # tokens before this go through the whole network
-        if shallow_after is not None:
-            if choices:
-                raise BackendError("a shallow read has no logits to read choices from")
-            (end,) = self._mark_positions(tokens, (shallow_after,))
-            deep = max(cached, end + 1)
-        capture = _Capture(
-            names={f"l_out-{layer}".encode(): k for k, layer in enumerate(layers)},
-            positions=positions,
-            start=cached,
-            n_embd=llm.n_embd(),
-            span=spanned,
+        read = plan_read(
+            llm,
+            tokens,
+            self._mark_positions,
+            marks=marks,
+            span=span,
+            until=until,
+            shallow_after=shallow_after,
+            choices=choices,
         )
+        capture = capture_for(llm, read, layers)
         start = time.monotonic()
+        self._prefill_capturing(llm, read, capture, layers, deadline)
+        prefill_s = time.monotonic() - start
+        probs = choice_probs(llm, self._choices(choices)) if choices else {}
+        return hidden_states_of(capture, read, layers, prefill_s, probs)
+
+    def _prefill_capturing(
+        self,
+        llm: Any,
+        read: HiddenRead,
+        capture: Capture,
+        layers: tuple[int, ...],
+        deadline: float | None,
+    ) -> None:
+        """Evaluate the read's tokens past the cache with the eval callback armed: through the
+        whole network up to `read.deep`, the rest only up to the deepest of `layers`."""
+        tokens, cached, deep = read.tokens, read.cached, read.deep
         llm.n_tokens = cached  # eval drops the KV cache past this point
         try:
             self._watch_prefill(deadline)
@@ -353,28 +254,6 @@ class LlamaCppBackend:
         finally:
             self._capture = None
             self._watch_prefill(None)
-        prefill_s = time.monotonic() - start
-        probs: dict[str, float] = {}
-        if choices:
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-            p = np.exp(logits - logits.max())
-            total = float(p.sum())
-            for word, ids in self._choices(choices).items():
-                probs[word] = float(p[ids].sum()) / total
-        return HiddenStates(
-            layers=layers,
-            last=capture.out[:, -1, :].copy(),
-            marks=capture.out[:, :-1, :].copy(),
-            span_mean=(
-                (capture.span_sum / (spanned[1] - spanned[0])).astype(np.float32)
-                if spanned[1] > spanned[0]
-                else None
-            ),
-            prompt_tokens=len(tokens),
-            cached_tokens=cached,
-            prefill_s=prefill_s,
-            choice_probs=probs,
-        )
 
     def _watch_prefill(self, deadline: float | None) -> None:
         self._abort_at = deadline if deadline is not None else float("inf")
@@ -429,28 +308,9 @@ class LlamaCppBackend:
         llm = self._require()
         tokens = self.tokenize_prompt(request.prompt)
         check_fits(len(tokens), request.max_tokens, self._n_ctx)
-        choice_probs: dict[str, float] = {}
         table = self._choices(request.constraint.choices) if request.constraint.choices else {}
-
-        def read_choices(_ids: Any, scores: Any) -> Any:
-            # Only the first position carries the choice; later calls cost one comparison.
-            if not table or choice_probs:
-                return scores
-            z = scores - scores.max()
-            p = np.exp(z)
-            total = float(p.sum())
-            for word, ids in table.items():
-                choice_probs[word] = float(p[ids].sum()) / total
-            if request.choose is not None:
-                # Force the policy's choice: greedy sampling would pick the likeliest single
-                # token, which can differ from the likeliest word when a word's mass is split
-                # over several of its prefixes.
-                forced = table[request.choose(dict(choice_probs))][-1]
-                scores[:] = -np.inf
-                scores[forced] = 0.0
-            return scores
-
-        processors: list[Any] = [read_choices] if table else []
+        reader = ChoiceReader(table, request.choose)
+        processors: list[Any] = [reader] if table else []
         mask: TokenMask | None = None
         grammar: Any = None
         if request.constraint.gbnf and self._grammars is not None:
@@ -459,84 +319,28 @@ class LlamaCppBackend:
             processors.append(GuidanceLogitsProcessor(mask))  # last: its mask is final
         elif request.constraint.gbnf:
             grammar = _compile_grammar(request.constraint.gbnf)
-
-        def past_deadline(_ids: Any, _logits: Any) -> bool:
-            return time.monotonic() >= request.deadline
-
-        cached = 0
-        for have, want in zip(llm._input_ids[: llm.n_tokens], tokens, strict=False):
-            if have != want:
-                break
-            cached += 1
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pieces: list[str] = []
-        finish = Finish.LENGTH
-        start = time.monotonic()
-        first_token_at: float | None = None
-        count = 0
+        cached = cached_prefix(llm, tokens)
+        run = Decoding(start=time.monotonic())
         try:
             self._watch_prefill(request.deadline)
             llm.set_seed(request.seed)
-            stream = llm.generate(
-                tokens,
-                temp=request.temperature,
-                top_k=40,
-                top_p=0.95,
-                min_p=0.05,
-                repeat_penalty=request.repeat_penalty,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                logits_processor=LogitsProcessorList(processors) if processors else None,
-                stopping_criteria=StoppingCriteriaList([past_deadline]),
-                grammar=grammar,
-            )
+            stream = token_stream(llm, tokens, request, processors, grammar)
             try:
-                for token in stream:
-                    if first_token_at is None:
-                        first_token_at = time.monotonic()
-                        self._watch_prefill(None)
-                    if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                        finish = Finish.STOP
-                        break
-                    count += 1
-                    piece = decoder.decode(token_bytes(llm, token))
-                    pieces.append(piece)
-                    if on_token is not None and on_token(token, piece):
-                        finish = Finish.HOOK
-                        break
-                    if time.monotonic() >= request.deadline:
-                        finish = Finish.DEADLINE
-                        break
-                    if count >= request.max_tokens:
-                        finish = Finish.LENGTH
-                        break
-                else:
-                    # llama-cpp-python's generator ends only through stopping_criteria
-                    finish = Finish.DEADLINE
+                run.finish = decode(
+                    llm, stream, request, on_token, run, on_first=lambda: self._watch_prefill(None)
+                )
             finally:
                 stream.close()
                 self._watch_prefill(None)
         except (RuntimeError, ValueError, OSError) as exc:
             if time.monotonic() >= request.deadline:  # aborted in prefill at the deadline
-                finish = Finish.DEADLINE
+                run.finish = Finish.DEADLINE
             else:
                 raise BackendError(f"llama.cpp generation failed: {exc}") from exc
         if mask is not None and mask.error is not None:
             # a bug between engine and grammar, not model noise: never retried as an answer
             raise BackendError(f"constrained decoding failed: {mask.error}")
-        end = time.monotonic()
-        first = first_token_at or end
-        pieces.append(decoder.decode(b"", final=True))
-        return Generation(
-            text="".join(pieces),
-            finish=finish,
-            prompt_tokens=len(tokens),
-            cached_tokens=min(cached, len(tokens) - 1),
-            completion_tokens=count,
-            prefill_s=first - start,
-            decode_s=end - first,
-            choice_probs=choice_probs,
-        )
+        return run.generation(len(tokens), cached, reader.probs)
 
     def health(self) -> bool:
         return self._llm is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.backends.base import Finish, Generation, GenerationRequest, Prompt, TokenHook
@@ -90,6 +91,57 @@ class _Grammar:
         return mx.where(only[None, :], logits, -mx.inf)
 
 
+@dataclass
+class _Decoding:
+    """What one generation has decoded so far."""
+
+    start: float
+    pieces: list[str] = field(default_factory=list)
+    count: int = 0
+    first_at: float | None = None
+    finish: Finish = Finish.LENGTH
+
+    def generation(self, prompt_tokens: int, choice_probs: dict[str, float]) -> Generation:
+        """The finished generation, timed from `start` to now."""
+        end = time.monotonic()
+        first = self.first_at or end
+        return Generation(
+            text="".join(self.pieces),
+            finish=self.finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self.count,
+            prefill_s=first - self.start,
+            decode_s=end - first,
+            choice_probs=choice_probs,
+        )
+
+
+def _decode(
+    steps: Any,
+    eos: Any,
+    detokenizer: Any,
+    request: GenerationRequest,
+    on_token: TokenHook | None,
+    run: _Decoding,
+) -> Finish:
+    """Take tokens from mlx-lm's steps into `run` until one of the request's ends."""
+    for step, _logprobs in steps:
+        token = int(step)  # mlx-lm yields plain ints despite its annotation
+        if run.first_at is None:
+            run.first_at = time.monotonic()
+        if token in eos:
+            return Finish.STOP
+        run.count += 1
+        detokenizer.add_token(token)
+        piece = detokenizer.last_segment
+        run.pieces.append(piece)
+        if on_token is not None and on_token(token, piece):
+            return Finish.HOOK
+        if time.monotonic() >= request.deadline:
+            return Finish.DEADLINE
+    return Finish.LENGTH  # mlx-lm stops at max_tokens
+
+
 class MlxBackend:
     engine = "mlx"
 
@@ -157,6 +209,35 @@ class MlxBackend:
         tokenizer = self._require()
         tokens = self.tokenize_prompt(request.prompt)
         check_fits(len(tokens), request.max_tokens, self._n_ctx)
+        grammar = self._grammar(request)
+        processors = make_logits_processors(
+            repetition_penalty=request.repeat_penalty if request.repeat_penalty != 1.0 else None,
+            presence_penalty=request.presence_penalty or None,
+            frequency_penalty=request.frequency_penalty or None,
+        )
+        eos = tokenizer.eos_token_ids
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        run = _Decoding(start=time.monotonic())
+        mx.random.seed(request.seed)
+        # the grammar last: its mask is final
+        steps = self._steps(tokens, request, [*processors, grammar])
+        try:
+            run.finish = _decode(steps, eos, detokenizer, request, on_token, run)
+        except _PastDeadline:
+            run.finish = Finish.DEADLINE
+        except (RuntimeError, ValueError) as exc:
+            raise BackendError(f"mlx-lm generation failed: {exc}") from exc
+        finally:
+            steps.close()
+        if grammar.mask.error is not None:
+            raise BackendError(f"constrained decoding failed: {grammar.mask.error}")
+        detokenizer.finalize()
+        run.pieces.append(detokenizer.last_segment)
+        return run.generation(len(tokens), grammar.choice_probs)
+
+    def _grammar(self, request: GenerationRequest) -> _Grammar:
+        """The logits processor that holds the request to its grammar and reads its choice."""
         choices = request.constraint.choices
         if choices and choices not in self._choice_ids:
             self._choice_ids[choices] = choice_table(
@@ -168,73 +249,23 @@ class MlxBackend:
             self._ll_tokenizer.vocab_size,
             self._ll_tokenizer.eos_token,
         )
-        grammar = _Grammar(mask, self._choice_ids.get(choices, {}), request)
-        processors = make_logits_processors(
-            repetition_penalty=request.repeat_penalty if request.repeat_penalty != 1.0 else None,
-            presence_penalty=request.presence_penalty or None,
-            frequency_penalty=request.frequency_penalty or None,
-        )
+        return _Grammar(mask, self._choice_ids.get(choices, {}), request)
+
+    def _steps(self, tokens: list[int], request: GenerationRequest, processors: list[Any]) -> Any:
+        """mlx-lm's token generator for the request; its prefill stops at the deadline."""
 
         def progress(_done: int, _total: int) -> None:
             if time.monotonic() >= request.deadline:
                 raise _PastDeadline()
 
-        eos = tokenizer.eos_token_ids
-        detokenizer = tokenizer.detokenizer
-        detokenizer.reset()
-        pieces: list[str] = []
-        finish = Finish.LENGTH
-        count = 0
-        start = time.monotonic()
-        first_at: float | None = None
-        mx.random.seed(request.seed)
-        steps = generate_step(
+        return generate_step(
             mx.array(tokens),
             self._model,
             max_tokens=request.max_tokens,
             sampler=make_sampler(request.temperature, top_p=0.95, min_p=0.05, top_k=40),
-            logits_processors=[*processors, grammar],  # the grammar last: its mask is final
+            logits_processors=processors,
             prefill_step_size=_PREFILL_CHUNK,
             prompt_progress_callback=progress,
-        )
-        try:
-            for step, _logprobs in steps:
-                token = int(step)  # mlx-lm yields plain ints despite its annotation
-                if first_at is None:
-                    first_at = time.monotonic()
-                if token in eos:
-                    finish = Finish.STOP
-                    break
-                count += 1
-                detokenizer.add_token(token)
-                piece = detokenizer.last_segment
-                pieces.append(piece)
-                if on_token is not None and on_token(token, piece):
-                    finish = Finish.HOOK
-                    break
-                if time.monotonic() >= request.deadline:
-                    finish = Finish.DEADLINE
-                    break
-        except _PastDeadline:
-            finish = Finish.DEADLINE
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"mlx-lm generation failed: {exc}") from exc
-        finally:
-            steps.close()
-        if mask.error is not None:
-            raise BackendError(f"constrained decoding failed: {mask.error}")
-        detokenizer.finalize()
-        pieces.append(detokenizer.last_segment)
-        end = time.monotonic()
-        first = first_at or end
-        return Generation(
-            text="".join(pieces),
-            finish=finish,
-            prompt_tokens=len(tokens),
-            completion_tokens=count,
-            prefill_s=first - start,
-            decode_s=end - first,
-            choice_probs=grammar.choice_probs,
         )
 
     def health(self) -> bool:
