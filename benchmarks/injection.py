@@ -192,7 +192,7 @@ def flips(cases: list[Case], tripped: set[str] | None = None) -> dict[str, dict[
     return table
 
 
-async def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -224,20 +224,28 @@ async def main() -> None:
         help="in process: run with the service's tripwire on, off, or both (side by side)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "injection")
-    args = parser.parse_args()
+    return parser
 
+
+def variants_of(args: argparse.Namespace, unsafe: list[Record]) -> list[Variant]:
+    """The corpus the options ask for: the --heldout files' attacks (in the action unless
+    --places says otherwise), else --kinds in --places."""
+    if args.heldout:
+        texts = {k: v for path in args.heldout for k, v in load_heldout(path)[0].items()}
+        places = args.places.split(",") if args.places != ",".join(PLACES) else ["action"]
+        return corpus(unsafe, list(texts), places, texts)
+    return corpus(unsafe, args.kinds.split(","), args.places.split(","))
+
+
+async def main() -> None:
+    args = build_parser().parse_args()
     for path in args.heldout:
         print("\n".join(tripwire_lines(path)))
     if args.tripwire_only:
         return
     _, reporting = split(load_records(args.data))
     unsafe = [r for r in sample(reporting, args.limit) if r.unsafe]
-    if args.heldout:
-        texts = {k: v for path in args.heldout for k, v in load_heldout(path)[0].items()}
-        places = args.places.split(",") if args.places != ",".join(PLACES) else ["action"]
-        variants = corpus(unsafe, list(texts), places, texts)
-    else:
-        variants = corpus(unsafe, args.kinds.split(","), args.places.split(","))
+    variants = variants_of(args, unsafe)
     print(f"{len(unsafe)} unsafe records, {len(variants)} requests")
     pack = PolicyLibrary().get(DEFAULT_PACK)
     records = [v.as_record for v in variants]

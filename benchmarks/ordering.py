@@ -27,12 +27,12 @@ from pathlib import Path
 
 from benchmarks.quality import DEFAULT_DATA, sample
 from benchmarks.records import load_records, split
-from service.backends.base import Constraint, GenerationRequest
+from service.backends.base import Backend, Constraint, Generation, GenerationRequest, Prompt
 from service.decision.answers import normalised
 from service.decision.grammar import DECISIONS, RESPONSE_PREFIX
 from service.decision.pipeline import Gatekeeper
 from service.decision.prompt import build_prompt
-from service.decision.tiers import TierPool
+from service.decision.tiers import Tier, TierPool
 from service.evidence import PolicyLibrary
 from service.ops.telemetry import Metrics
 from service.settings import load_settings
@@ -56,12 +56,36 @@ def orders(rationale_chars: int) -> dict[str, tuple[str, str]]:
     }
 
 
-async def main() -> None:
+def answer(
+    backend: Backend, tier: Tier, prompt: Prompt, prefix: str, gbnf: str
+) -> tuple[str, Generation]:
+    """One arm's greedy answer to the prompt: its decision ("invalid" when the JSON holds
+    none) and the generation."""
+    generation = backend.generate(
+        GenerationRequest(
+            replace(prompt, response_prefix=prefix),
+            Constraint(schema={}, gbnf=gbnf, choices=DECISIONS),
+            max_tokens=tier.settings.max_tokens,
+            deadline=time.monotonic() + 600,
+        )
+    )
+    try:
+        decision = json.loads(prefix + generation.text, strict=False)["decision"]
+    except (ValueError, KeyError):
+        decision = "invalid"
+    return decision, generation
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", default="edge")
     parser.add_argument("--records", type=int, default=16)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+async def main() -> None:
+    args = parse_args()
     tuning, _reporting = split(load_records(args.data))
     records = sample(tuning, args.records)
     settings = load_settings(load_tiers=[args.tier], warmup=False)
@@ -89,18 +113,7 @@ async def main() -> None:
         )
         row = []
         for order, (prefix, gbnf) in arms.items():
-            generation = backend.generate(
-                GenerationRequest(
-                    replace(built.prompt, response_prefix=prefix),
-                    Constraint(schema={}, gbnf=gbnf, choices=DECISIONS),
-                    max_tokens=tier.settings.max_tokens,
-                    deadline=time.monotonic() + 600,
-                )
-            )
-            try:
-                decision = json.loads(prefix + generation.text, strict=False)["decision"]
-            except (ValueError, KeyError):
-                decision = "invalid"
+            decision, generation = answer(backend, tier, built.prompt, prefix, gbnf)
             right[order] += (decision != "allow") == record.unsafe
             if prefix == RESPONSE_PREFIX:  # the probabilities are read at the first position
                 p_allow = normalised(generation.choice_probs).get("allow", 0.0)

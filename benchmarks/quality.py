@@ -219,7 +219,7 @@ def print_categories(results: dict[str, dict[str, Any]]) -> None:
             print(f"{value[:45]:<46}" + "".join(f"{c:>22}" for c in cells))
 
 
-async def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -251,24 +251,24 @@ async def main() -> None:
         help="prompt experiments: replace the system prompt with this file's text",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "quality")
-    args = parser.parse_args()
+    return parser
 
-    if args.system_prompt:
-        import service.decision.prompt
 
-        service.decision.prompt.SYSTEM_PROMPT = args.system_prompt.read_text("utf-8").strip()
+def chosen_records(args: argparse.Namespace) -> list[Record]:
+    """The --part of --data, only the --ids when given, sampled to --limit."""
     tuning, reporting = split(load_records(args.data))
     chosen = {"tuning": tuning, "report": reporting, "all": tuning + reporting}[args.part]
     if args.ids:
         wanted = set(args.ids.read_text("utf-8").split())
         chosen = [r for r in chosen if r.id in wanted]
-    records = sample(chosen, args.limit)
-    pack = PolicyLibrary().get(DEFAULT_PACK)
-    unsafe = sum(r.unsafe for r in records)
-    print(f"{args.data.name}: part {args.part}, {len(records)} records ({unsafe} unsafe)")
+    return sample(chosen, args.limit)
 
+
+async def run_all(
+    records: list[Record], args: argparse.Namespace, pack: PolicyPack
+) -> dict[str, list[Case]]:
+    """Every tier: each of its --paths through Gatekeeper, then the plain baseline if asked."""
     runs: dict[str, list[Case]] = {}
-    started = time.time()
     for tier in [t for t in args.tiers.split(",") if t]:
         if args.gatekeeper:
             for path in [p for p in args.paths.split(",") if p]:
@@ -276,21 +276,41 @@ async def main() -> None:
                 runs[name] = await run_gatekeeper(records, tier, args, pack, path)
         if args.plain:
             runs[f"{tier}/plain"] = run_plain(records, tier, pack)
+    return runs
+
+
+def print_sweeps(runs: dict[str, list[Case]]) -> None:
+    for name, cases in runs.items():
+        if all(c.p_unsafe is None for c in cases):
+            continue  # a run without probabilities has nothing to sweep
+        print(f"\nallow-threshold sweep, {name}")
+        for row in threshold_sweep(cases, [x / 20 for x in range(1, 20)]):
+            print(
+                f"  t={row['threshold']:.2f} acc {_fmt(row['accuracy'])} "
+                f"rec {_fmt(row['recall'])} prec {_fmt(row['precision'])}"
+            )
+
+
+async def main() -> None:
+    args = build_parser().parse_args()
+    if args.system_prompt:
+        import service.decision.prompt
+
+        service.decision.prompt.SYSTEM_PROMPT = args.system_prompt.read_text("utf-8").strip()
+    records = chosen_records(args)
+    pack = PolicyLibrary().get(DEFAULT_PACK)
+    unsafe = sum(r.unsafe for r in records)
+    print(f"{args.data.name}: part {args.part}, {len(records)} records ({unsafe} unsafe)")
+
+    started = time.time()
+    runs = await run_all(records, args, pack)
     results = {name: summary(cases) for name, cases in runs.items()}
 
     print()
     print_table(results)
     print_categories(results)
     if args.sweep:
-        for name, cases in runs.items():
-            if all(c.p_unsafe is None for c in cases):
-                continue  # a run without probabilities has nothing to sweep
-            print(f"\nallow-threshold sweep, {name}")
-            for row in threshold_sweep(cases, [x / 20 for x in range(1, 20)]):
-                print(
-                    f"  t={row['threshold']:.2f} acc {_fmt(row['accuracy'])} "
-                    f"rec {_fmt(row['recall'])} prec {_fmt(row['precision'])}"
-                )
+        print_sweeps(runs)
 
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {

@@ -123,22 +123,26 @@ async def run_mid(
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    n = len(rows)
-    decisions = Counter(row["decision"] for row in rows)
-    outcomes = Counter(row["outcome"] for row in rows if row["outcome"])
     generated = [row for row in rows if row["revision"] is not None]
     offered = [row for row in rows if row["offered"]]
     judged = [row for row in generated if row["judge"] is not None]
     mid_read = [row for row in offered if "mid" in row]
-    mid = Counter(row["mid"] for row in mid_read)
-    mid_rejected = [row for row in judged if not row["offered"] and "mid" in row]
-    mid_other = Counter(row["mid"] for row in mid_rejected)
-    added = [row["revise_s"] for row in rows if row["outcome"]]
-    tried = [row["revise_s"] for row in rows if row["generated"]]
-    p50, p95 = pct(tried, 0.5), pct(tried, 0.95)
-    rate = len(offered) / n if n else 0.0
-    rule_share = sum(r["rule_pass"] for r in offered) / len(offered) if offered else 0.0
-    lines = [
+    lines = [*_counts(rows, args), "", *_measures(rows, args, generated, offered, judged), ""]
+    if mid_read and len(mid_read) < len(offered):
+        lines.append(f"(the mid tier read the first {len(mid_read)} of {len(offered)} offered)")
+    lines.append("examples (original -> revision: rule, edge judge, mid):")
+    shown = offered[:4] + [r for r in judged if not r["offered"]][:4]
+    for row in shown:
+        lines += _example(row)
+    return lines
+
+
+def _counts(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The run, then how many requests got each decision and each revision outcome."""
+    n = len(rows)
+    decisions = Counter(row["decision"] for row in rows)
+    outcomes = Counter(row["outcome"] for row in rows if row["outcome"])
+    return [
         f"revise set: {n} unsafe requests ({sum(r['shape'] == 'tool' for r in rows)} tool, "
         f"{sum(r['shape'] == 'text' for r in rows)} text), tier {args.tier}, "
         f"explain {'on' if args.explain else 'off'}, budget {args.budget_ms} ms",
@@ -154,7 +158,28 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
                 if not r["outcome"]
             ).most_common()
         ),
-        "",
+    ]
+
+
+def _measures(
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    generated: list[dict[str, Any]],
+    offered: list[dict[str, Any]],
+    judged: list[dict[str, Any]],
+) -> list[str]:
+    """The markdown table of the measures against their TARGETS."""
+    n = len(rows)
+    mid_read = [row for row in offered if "mid" in row]
+    mid = Counter(row["mid"] for row in mid_read)
+    mid_rejected = [row for row in judged if not row["offered"] and "mid" in row]
+    mid_other = Counter(row["mid"] for row in mid_rejected)
+    added = [row["revise_s"] for row in rows if row["outcome"]]
+    tried = [row["revise_s"] for row in rows if row["generated"]]
+    p50, p95 = pct(tried, 0.5), pct(tried, 0.95)
+    rate = len(offered) / n if n else 0.0
+    rule_share = sum(r["rule_pass"] for r in offered) / len(offered) if offered else 0.0
+    return [
         "| measure | value | target |",
         "|---|---|---|",
         f"| revise rate (offered / unsafe requests) | {_share(len(offered), n)} | >= 50 % "
@@ -183,22 +208,18 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
         f"{statistics.median(r['total_ms'] for r in rows) / 1000:.2f} s | |"
         if rows
         else "",
-        "",
     ]
-    if mid_read and len(mid_read) < len(offered):
-        lines.append(f"(the mid tier read the first {len(mid_read)} of {len(offered)} offered)")
-    lines.append("examples (original -> revision: rule, edge judge, mid):")
-    shown = offered[:4] + [r for r in judged if not r["offered"]][:4]
-    for row in shown:
-        lines += [
-            f"- {row['id']} [{row['outcome']}]",
-            f"    original: {row['original'][:160]}",
-            f"    revision: {row['revision'][:160]}",
-            f"    human:    {row['safe_alternative'][:160]}",
-            f"    rule {'pass' if row['rule_pass'] else 'FAIL'}, judge {row['judge']}, "
-            f"mid {row.get('mid', '-')}",
-        ]
-    return lines
+
+
+def _example(row: dict[str, Any]) -> list[str]:
+    return [
+        f"- {row['id']} [{row['outcome']}]",
+        f"    original: {row['original'][:160]}",
+        f"    revision: {row['revision'][:160]}",
+        f"    human:    {row['safe_alternative'][:160]}",
+        f"    rule {'pass' if row['rule_pass'] else 'FAIL'}, judge {row['judge']}, "
+        f"mid {row.get('mid', '-')}",
+    ]
 
 
 async def main() -> None:

@@ -143,30 +143,70 @@ def summarise(
     metrics: str,
     parts: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    n = len(results)
     ok = [r for r in results if r["status"] == 200]
-    server_errors = sum(1 for r in results if r["status"] >= 500)
-    rejected = sum(1 for r in results if r["status"] == 429)
-    within = sum(1 for r in ok if r["elapsed_ms"] <= r["budget_ms"] + 50)
     degraded = [r for r in ok if r["degraded"]]
-    allow_degraded = sum(1 for r in degraded if r["decision"] == "allow")
-    warm_at = args.warmup_min * 60
-    warm = [m for t, m in samples if t >= warm_at] or [m for _, m in samples]
-    growth = (warm[-1] - warm[0]) / warm[0] if warm else float("nan")
-    peak_growth = (max(warm) - warm[0]) / warm[0] if warm else float("nan")
-    print(f"\n{n} requests in {args.minutes:g} min: {len(ok)} answered, {rejected} rejected (429)")
-    print(f"5xx (or transport failures): {server_errors} (target 0)")
+    counts = {
+        "requests": len(results),
+        "answered": len(ok),
+        "rejected": sum(1 for r in results if r["status"] == 429),
+        "server_errors": sum(1 for r in results if r["status"] >= 500),
+        "within_budget": sum(1 for r in ok if r["elapsed_ms"] <= r["budget_ms"] + 50),
+        "fail_closed": len(degraded),
+        "allow_degraded": sum(1 for r in degraded if r["decision"] == "allow"),
+    }
+    _print_answers(args, counts, ok, degraded)
+    rss = _rss(args, samples, parts)
+    shed = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(("gatekeeper_rejected", "gatekeeper_shed"))
+    ]
+    if shed:
+        print("server: " + "; ".join(shed))
+    if args.out:
+        plot(results, samples, rate * args.rate_factor, args.out, parts)
+    summary = {**counts, **rss, "sustained_rps": rate}
+    print(json.dumps(summary))
+    return summary
+
+
+def _print_answers(
+    args: argparse.Namespace,
+    counts: dict[str, int],
+    ok: list[dict[str, Any]],
+    degraded: list[dict[str, Any]],
+) -> None:
+    """What came back: answered, rejected, errors, within budget, fail-closed, latency."""
+    n, within = counts["requests"], counts["within_budget"]
+    print(
+        f"\n{n} requests in {args.minutes:g} min: {len(ok)} answered, "
+        f"{counts['rejected']} rejected (429)"
+    )
+    print(f"5xx (or transport failures): {counts['server_errors']} (target 0)")
     print(f"answered within budget + 50 ms: {within}/{len(ok)} = {within / max(len(ok), 1):.1%}")
     reasons = Counter(r["reason"] for r in degraded)
     print(
         f"fail-closed: {len(degraded)}/{len(ok)} = {len(degraded) / max(len(ok), 1):.1%} ("
         + ", ".join(f"{k} {v}" for k, v in reasons.most_common())
-        + f"); allow among them: {allow_degraded} (target 0)"
+        + f"); allow among them: {counts['allow_degraded']} (target 0)"
     )
     lat = [r["elapsed_ms"] for r in ok]
     print(
         f"latency of answers p50 / p95 / p99: {pct(lat, 0.5):.0f} / {pct(lat, 0.95):.0f} / {pct(lat, 0.99):.0f} ms"
     )
+
+
+def _rss(
+    args: argparse.Namespace,
+    samples: list[tuple[float, float]],
+    parts: list[dict[str, float]] | None,
+) -> dict[str, Any]:
+    """The server's memory over time, printed: its growth after the warm-up and, where /proc
+    gave it, the heap and mapped-file parts at the start and end of that span."""
+    warm_at = args.warmup_min * 60
+    warm = [m for t, m in samples if t >= warm_at] or [m for _, m in samples]
+    growth = (warm[-1] - warm[0]) / warm[0] if warm else float("nan")
+    peak_growth = (max(warm) - warm[0]) / warm[0] if warm else float("nan")
     print(
         "RSS over time (MB): "
         + ", ".join(f"{t / 60:.0f}m {m:.0f}" for t, m in samples[:: max(1, len(samples) // 12)])
@@ -188,30 +228,7 @@ def summarise(
             + " -> ".join(f"{v:.0f}" for v in split["file"])
             + " MB over the same span"
         )
-    shed = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith(("gatekeeper_rejected", "gatekeeper_shed"))
-    ]
-    if shed:
-        print("server: " + "; ".join(shed))
-    if args.out:
-        plot(results, samples, rate * args.rate_factor, args.out, parts)
-    summary = {
-        "requests": n,
-        "answered": len(ok),
-        "rejected": rejected,
-        "server_errors": server_errors,
-        "within_budget": within,
-        "fail_closed": len(degraded),
-        "allow_degraded": allow_degraded,
-        "rss_growth": growth,
-        "rss_peak_growth": peak_growth,
-        "rss_split_mb": split,
-        "sustained_rps": rate,
-    }
-    print(json.dumps(summary))
-    return summary
+    return {"rss_growth": growth, "rss_peak_growth": peak_growth, "rss_split_mb": split}
 
 
 def plot(

@@ -41,7 +41,7 @@ from service.backends.llama_cpp import LlamaCppBackend
 from service.errors import GatekeeperError
 from service.ops.weights import ModelStore
 from service.schemas import EvaluateRequest
-from service.settings import Settings, load_settings
+from service.settings import Settings, TierSettings, load_settings
 from tests.realserver import gatekeeper_server, llama_cpp_server
 
 BUDGET_MS = 120_000
@@ -257,13 +257,31 @@ def timed(runs: list[Callable[[], bool]]) -> tuple[list[float], int]:
     return seconds, right
 
 
+Seconds = dict[tuple[str, bool], list[float]]  # (side, explain) -> seconds per request
+Right = dict[tuple[str, bool], int]  # (side, explain) -> requests answered correctly
+
+
 def servers(settings: Settings, tier_name: str, records: list[Record]) -> None:
     tier = settings.tiers[tier_name]
     _model, path = ModelStore(settings).resolve_tier(tier)
-    results: dict[tuple[str, bool], list[float]] = {}
-    right: dict[tuple[str, bool], int] = {}
+    results: Seconds = {}
+    right: Right = {}
     rss: dict[str, float] = {}
     warm_up = Record("warm-up", True, EvaluateRequest.model_validate(sample_requests()[0]), {})
+    rss["/evaluate"] = _through_gatekeeper(tier_name, records, warm_up, results, right)
+    # the server as it comes, then with flash attention on as the service has it
+    for side, extra in (("llama_cpp.server", ()), ("  + --flash_attn", ("--flash_attn", "true"))):
+        rss[side] = _through_llama_cpp(
+            side, extra, path, tier, tier_name, records, warm_up, results, right
+        )
+    _print_servers(len(records), results, right, rss)
+
+
+def _through_gatekeeper(
+    tier_name: str, records: list[Record], warm_up: Record, results: Seconds, right: Right
+) -> float:
+    """The records through `gatekeeper serve`'s /evaluate, explain off then on, into
+    results/right under "/evaluate"; the server's peak RSS in MB."""
     env = {"GATEKEEPER_LOAD_TIERS": json.dumps([tier_name]), "GATEKEEPER_DEFAULT_TIER": tier_name}
     with gatekeeper_server(env) as (url, proc), httpx.Client(base_url=url, timeout=300) as http:
 
@@ -278,31 +296,46 @@ def servers(settings: Settings, tier_name: str, records: list[Record]) -> None:
             results["/evaluate", explain], right["/evaluate", explain] = timed(
                 [partial(evaluate, r, explain) for r in records]
             )
-        rss["/evaluate"] = peak_rss_mb(proc.pid)
-    # the server as it comes, then with flash attention on as the service has it
-    for side, extra in (("llama_cpp.server", ()), ("  + --flash_attn", ("--flash_attn", "true"))):
-        with (
-            llama_cpp_server(path, alias=tier_name, n_ctx=tier.n_ctx, extra=extra) as (url, proc),
-            httpx.Client(base_url=url, timeout=300) as http,
-        ):
+        return peak_rss_mb(proc.pid)
 
-            def plain(record: Record, explain: bool) -> bool:
-                body = plain_body(record, explain, tier.rationale_chars)
-                out = http.post("/chat/completions", json={"model": tier_name, **body}).json()
-                text = out["choices"][0]["message"]["content"] or "{}"
-                try:
-                    decision = json.loads(text).get("decision")
-                except json.JSONDecodeError:
-                    decision = None
-                return bool((decision != "safe") == record.unsafe)
 
-            plain(warm_up, False)  # as for the service
-            for explain in (False, True):
-                results[side, explain], right[side, explain] = timed(
-                    [partial(plain, r, explain) for r in records]
-                )
-            rss[side] = peak_rss_mb(proc.pid)
-    n = len(records)
+def _through_llama_cpp(
+    side: str,
+    extra: tuple[str, ...],
+    path: Path,
+    tier: TierSettings,
+    tier_name: str,
+    records: list[Record],
+    warm_up: Record,
+    results: Seconds,
+    right: Right,
+) -> float:
+    """The records as plain prompts through llama_cpp.server (with `extra` flags), explain off
+    then on, into results/right under `side`; the server's peak RSS in MB."""
+    with (
+        llama_cpp_server(path, alias=tier_name, n_ctx=tier.n_ctx, extra=extra) as (url, proc),
+        httpx.Client(base_url=url, timeout=300) as http,
+    ):
+
+        def plain(record: Record, explain: bool) -> bool:
+            body = plain_body(record, explain, tier.rationale_chars)
+            out = http.post("/chat/completions", json={"model": tier_name, **body}).json()
+            text = out["choices"][0]["message"]["content"] or "{}"
+            try:
+                decision = json.loads(text).get("decision")
+            except json.JSONDecodeError:
+                decision = None
+            return bool((decision != "safe") == record.unsafe)
+
+        plain(warm_up, False)  # as for the service
+        for explain in (False, True):
+            results[side, explain], right[side, explain] = timed(
+                [partial(plain, r, explain) for r in records]
+            )
+        return peak_rss_mb(proc.pid)
+
+
+def _print_servers(n: int, results: Seconds, right: Right, rss: dict[str, float]) -> None:
     ours = "/evaluate"
     for explain in (False, True):
         print(f"  5. explain={str(explain).lower()}, {n} ASSEBench records, p50 / p95 seconds:")

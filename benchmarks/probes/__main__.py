@@ -39,7 +39,8 @@ from benchmarks.probes import features, guard, report, sanity, train
 from benchmarks.quality import DEFAULT_DATA
 
 
-def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per flag, in --help order
+# long: one flat add_argument per flag, in --help order; split up, the order would be hidden
+def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags, shared by the subcommands (each flag's help names the ones it is for)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.probes",

@@ -38,21 +38,18 @@ from benchmarks.probes.fit import (
 )
 from benchmarks.probes.guard import fit_guard_cv
 from benchmarks.records import Record, load_records, split
+from service.decision.ood import OodGuard
 from service.decision.probes import PROBE_PROMPT_VERSION, LinearProbe, ProbeSet, cite
 from service.evidence import DEFAULT_PACK, PolicyLibrary, PolicyPack
 from service.settings import load_settings
 
 
-def train(args: argparse.Namespace) -> None:  # long: the ProbeSet it writes, one field a line
+def train(args: argparse.Namespace) -> None:
     name, _, sha = tier_model(load_settings(), args.tier)
     pack = PolicyLibrary().get(DEFAULT_PACK)
     have, feats, extra, source = _training_set(args, name, sha, pack)
     y = feats["y"]
-    n_layers = feats["last"].shape[1]
-    stride = args.layer_stride
-    candidates = [
-        layer for layer in range(n_layers) if layer % stride == 0 or layer == n_layers - 1
-    ]
+    candidates = _candidates(feats["last"].shape[1], args.layer_stride)
     # ASSEBench's agent profiles are strong label cues (the system-administrator profile is
     # 88 of 90 unsafe), so folds that split records at random reward learning the domain. The
     # folds hold out whole profiles instead: every score is for a domain the probe never saw,
@@ -60,16 +57,7 @@ def train(args: argparse.Namespace) -> None:  # long: the ProbeSet it writes, on
     profiles = profile_groups(have)
     decision = _fit_decision(args, have, feats, candidates, profiles, source, list(extra))
     rows = decision_rows(feats, args.decision_read)
-    layer = decision.probe.layer
-    print("\nout-of-distribution guard on the same layer, folds by agent profile:")
-    guard, guard_figures = fit_guard_cv(
-        rows[:, layer, :],
-        layer,
-        args.guard_components[0],
-        args.guard_quantile,
-        profiles,
-        decision.probe.score(rows[:, layer, :]),
-    )
+    guard, guard_figures = _fit_guard(args, rows, profiles, decision)
     print("\nrelevance probe (end of each roll-call line), unsafe records, grouped 5-fold CV:")
     keep = np.array([bool(g) for g in feats["gold"]]) & (y == 1)
     relevance, relevance_threshold, rel_rows = _fit_relevance(feats, keep, candidates, args)
@@ -110,6 +98,27 @@ def train(args: argparse.Namespace) -> None:  # long: the ProbeSet it writes, on
         },
     )
     _write(probes, name, decision.by_layer, rel_rows, args.tier)
+
+
+def _candidates(n_layers: int, stride: int) -> list[int]:
+    """The layers tried: every `stride`th, and the last."""
+    return [layer for layer in range(n_layers) if layer % stride == 0 or layer == n_layers - 1]
+
+
+def _fit_guard(
+    args: argparse.Namespace, rows: Any, profiles: Any, decision: DecisionFit
+) -> tuple[OodGuard, dict[str, Any]]:
+    """The out-of-distribution guard on the decision probe's layer, folds by agent profile."""
+    layer = decision.probe.layer
+    print("\nout-of-distribution guard on the same layer, folds by agent profile:")
+    return fit_guard_cv(
+        rows[:, layer, :],
+        layer,
+        args.guard_components[0],
+        args.guard_quantile,
+        profiles,
+        decision.probe.score(rows[:, layer, :]),
+    )
 
 
 def _training_set(
