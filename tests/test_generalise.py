@@ -1,4 +1,4 @@
-"""The cross-source protocol (benchmarks/generalise.py) on synthetic data: thresholds come from
+"""The cross-source protocol (benchmarks/generalise/) on synthetic data: thresholds come from
 the training sources alone, a reader that only learnt one source's wording fails on another,
 and the extraction order is balanced whatever point it stops at."""
 

@@ -13,7 +13,7 @@ from benchmarks.generalise.report import table
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="generalise.py",  # the usage line it had as one module run with -m
+        prog="python -m benchmarks.generalise",
         description=benchmarks.generalise.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
