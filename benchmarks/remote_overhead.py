@@ -74,7 +74,7 @@ def through_backend(backend: OpenAICompatibleBackend, max_tokens: int) -> tuple[
     detector.feed(-1, RESPONSE_PREFIX)
     text = RESPONSE_PREFIX
 
-    def on_token(token: int, piece: str) -> bool:  # what attempts.py runs on every piece
+    def on_token(token: int, piece: str) -> bool:  # what decision/generation.py runs on every piece
         nonlocal text
         text += piece
         return detector.feed(token, piece) is not None or is_complete(text)

@@ -166,7 +166,7 @@ def test_real_answers_parse_under_both_engines(
 
 @pytest.mark.model
 def test_the_pipeline_hooks_see_every_piece_and_stop_generation(backend: LlamaCppBackend) -> None:
-    detector = LoopDetector(LoopSettings())  # what attempts.py runs on every token
+    detector = LoopDetector(LoopSettings())  # what decision/generation.py runs on every token
     detector.feed(-1, RESPONSE_PREFIX)
     text = RESPONSE_PREFIX
 
